@@ -1,0 +1,54 @@
+"""Exceptions that reach the user as one line, and the exit codes they map to.
+
+Every error a user can cause (bad input, bad keys, corrupt CARs, full disks) is a
+PackerfsError subclass whose str() is a complete sentence naming the file and,
+where there is one, the byte offset. The CLI prints it on one line; tracebacks
+are only for bugs.
+"""
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the job failed; nothing partial was left behind as if complete
+EXIT_USAGE = 2  # bad command line or options
+EXIT_INCOMPLETE = 3  # finished, but some inputs were missing or damaged (listed)
+
+
+class PackerfsError(Exception):
+    exit_code = EXIT_ERROR
+
+
+class UsageError(PackerfsError):
+    exit_code = EXIT_USAGE
+
+
+class FormatError(PackerfsError):
+    """Malformed or corrupt input data (CAR, dag-pb, manifest, ciphertext)."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None):
+        self.path = path
+        self.offset = offset
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if offset is not None:
+            where.append(f"offset {offset}")
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+class CorruptBlock(FormatError):
+    """A block's bytes do not hash to its CID."""
+
+
+class TruncatedInput(FormatError):
+    """Input ended before a structure it announced."""
+
+
+class KeyProblem(PackerfsError):
+    """A key, identity or recipient cannot be used (missing, wrong, locked)."""
+
+
+class SourceChanged(PackerfsError):
+    """A source file no longer matches what was scanned; its bytes are never served."""
+
+
+class IncompleteSet(PackerfsError):
+    exit_code = EXIT_INCOMPLETE

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Benchmarks. Each prints throughput as a ratio to an anchor measured in the same run,
+because absolute times on shared machines are noisy.
+
+    python tools/bench.py commp [--size 1GiB]
+    python tools/bench.py crypt [--size 512MiB]
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+SUITES = {
+    "commp": "bench_commp",
+    "crypt": "bench_crypt",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SUITES:
+        print(__doc__.strip(), file=sys.stderr)
+        print(f"suites: {', '.join(SUITES)}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+    module = importlib.import_module(SUITES[argv[0]])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
