@@ -1,0 +1,1171 @@
+"""age-encryption.org/v1 streams: seekable encryption, and random-access decryption.
+
+Written from the age specification (c2sp.org/age) and the documented ssh-rsa /
+ssh-ed25519 recipient types of the reference implementation; the primitives
+come from the `cryptography` package.
+
+File layout::
+
+    header  = "age-encryption.org/v1\\n" stanza+ "--- " base64(MAC) "\\n"
+    payload = nonce (16 bytes) || chunk_0 || ... || chunk_{n-1}
+    chunk_i = ChaCha20-Poly1305(payload key, i as 11-byte big endian || last flag,
+                                plaintext[i*64KiB : (i+1)*64KiB])
+
+Every chunk is independent, so any byte range of the stream can be produced by
+encrypting only the chunks it touches, and any plaintext range can be
+recovered (and authenticated) by decrypting only those chunks.
+
+Params blob (what the index stores per file version; version 1)::
+
+    0x01 || uvarint(len(header)) || header || wrapped
+    wrapped = secrets.wrap(dataset secret, file key (16) || payload nonce (16),
+                           context = "packerfs/age/params/v1\\0" || header)
+
+The header is public (it is the first bytes of the stream); the file key and
+payload nonce appear only wrapped under the dataset secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from packerfs.crypt import bech32
+from packerfs.crypt import secrets as _secrets
+from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
+from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
+
+__all__ = [
+    "CHUNK_SIZE",
+    "ENC_CHUNK_SIZE",
+    "AgeCipher",
+    "AgePlaintext",
+    "Identity",
+    "Recipient",
+    "X25519Recipient",
+    "SshRsaRecipient",
+    "SshEd25519Recipient",
+    "X25519Identity",
+    "SshRsaIdentity",
+    "SshEd25519Identity",
+    "parse_recipient",
+    "parse_recipients_text",
+    "read_recipients_file",
+    "parse_identities",
+    "load_identity_file",
+    "open_age_plaintext",
+    "payload_chunks",
+]
+
+INTRO = b"age-encryption.org/v1\n"
+CHUNK_SIZE = 64 * 1024
+TAG_SIZE = 16
+ENC_CHUNK_SIZE = CHUNK_SIZE + TAG_SIZE
+NONCE_SIZE = 16
+FILE_KEY_SIZE = 16
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
+MAX_HEADER_SIZE = 16 * 1024 * 1024
+
+_X25519_INFO = b"age-encryption.org/v1/X25519"
+_ED25519_INFO = b"age-encryption.org/v1/ssh-ed25519"
+_RSA_LABEL = b"age-encryption.org/v1/ssh-rsa"
+_ZERO_NONCE = bytes(12)
+_PARAMS_VERSION = 1
+_PARAMS_CONTEXT = b"packerfs/age/params/v1\x00"
+_B64_RE = re.compile(rb"[A-Za-z0-9+/]*")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64decode(text: str | bytes) -> bytes:
+    """Strict unpadded canonical base64 (the age spec requires rejecting anything else)."""
+    if isinstance(text, str):
+        try:
+            text = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError("not base64") from None
+    if not _B64_RE.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64")
+    try:
+        raw = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
+    except binascii.Error:
+        raise ValueError("not base64") from None
+    if base64.b64encode(raw).rstrip(b"=") != text:
+        raise ValueError("non-canonical base64")
+    return raw
+
+
+def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def _x25519(scalar: bytes, point: bytes) -> bytes:
+    """RFC 7748 X25519; ValueError if the result is all zeros (low-order input)."""
+    return X25519PrivateKey.from_private_bytes(scalar).exchange(X25519PublicKey.from_public_bytes(point))
+
+
+def _aead_seal(key: bytes, plaintext: bytes) -> bytes:
+    return ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, plaintext, None)
+
+
+def _aead_open(key: bytes, ciphertext: bytes) -> bytes | None:
+    try:
+        return ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, ciphertext, None)
+    except InvalidTag:
+        return None
+
+
+def payload_key(file_key: bytes, nonce: bytes) -> bytes:
+    return _hkdf(file_key, nonce, b"payload")
+
+
+def _header_mac(file_key: bytes, mac_input: bytes) -> bytes:
+    return hmac.new(_hkdf(file_key, b"", b"header"), mac_input, hashlib.sha256).digest()
+
+
+def payload_chunks(plain_size: int) -> int:
+    """Number of STREAM chunks: an empty payload is one empty final chunk."""
+    return max(1, -(-plain_size // CHUNK_SIZE))
+
+
+def _chunk_nonce(index: int, last: bool) -> bytes:
+    return index.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise FormatError("age stream parameters are malformed (bad length)")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
+
+
+# SSH wire format ------------------------------------------------------------
+
+
+def _ssh_string(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 4 > len(data):
+        raise ValueError("truncated SSH key")
+    n = int.from_bytes(data[pos : pos + 4], "big")
+    pos += 4
+    if pos + n > len(data):
+        raise ValueError("truncated SSH key")
+    return data[pos : pos + n], pos + n
+
+
+def _ssh_fingerprint(wire: bytes) -> str:
+    """OpenSSH's fingerprint, as `ssh-keygen -l` prints it."""
+    return "SHA256:" + _b64encode(hashlib.sha256(wire).digest())
+
+
+def _ssh_tag(wire: bytes) -> str:
+    """The age stanza tag: base64 of the first 4 bytes of SHA-256 of the SSH key."""
+    return _b64encode(hashlib.sha256(wire).digest()[:4])
+
+
+def _ssh_public_wire(public_key) -> bytes:
+    line = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return base64.b64decode(line.split()[1])
+
+
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, _P - 2, _P)) % _P
+
+
+def _ed25519_to_x25519_public(pub: bytes) -> bytes:
+    """Birational map of an Ed25519 public key to its Montgomery u-coordinate, u = (1+y)/(1-y)."""
+    if len(pub) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    y = int.from_bytes(pub, "little") & ((1 << 255) - 1)
+    if y >= _P or y == 1:
+        raise ValueError("invalid Ed25519 public key")
+    y2 = y * y % _P
+    x2 = (y2 - 1) * pow((_D * y2 + 1) % _P, _P - 2, _P) % _P
+    if x2 and pow(x2, (_P - 1) // 2, _P) != 1:
+        raise ValueError("Ed25519 public key is not a point on the curve")
+    u = (1 + y) * pow((1 - y) % _P, _P - 2, _P) % _P
+    return u.to_bytes(32, "little")
+
+
+# --------------------------------------------------------------------------- stanzas
+
+
+@dataclass
+class Stanza:
+    args: list[str]  # args[0] is the stanza type
+    body: bytes
+    offset: int = 0  # where its "->" line starts in the header (for errors)
+
+    @property
+    def type(self) -> str:
+        return self.args[0]
+
+    def encode(self) -> bytes:
+        text = _b64encode(self.body)
+        lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+        if not lines or len(lines[-1]) == 64:
+            lines.append("")
+        return ("-> " + " ".join(self.args) + "\n" + "".join(line + "\n" for line in lines)).encode("ascii")
+
+
+class Recipient(ABC):
+    """Something the file key can be wrapped to."""
+
+    type: str
+
+    @abstractmethod
+    def wrap(self, file_key: bytes) -> Stanza: ...
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Stable public name of this recipient (for the manifest)."""
+
+
+class X25519Recipient(Recipient):
+    type = "X25519"
+
+    def __init__(self, public_key: bytes):
+        if len(public_key) != 32:
+            raise ValueError("an X25519 recipient is 32 bytes")
+        self.public_key = public_key
+
+    @classmethod
+    def from_string(cls, s: str) -> "X25519Recipient":
+        hrp, data = bech32.decode(s)
+        if hrp != "age" or len(data) != 32:
+            raise ValueError("not an age1… recipient")
+        return cls(data)
+
+    @property
+    def fingerprint(self) -> str:
+        return bech32.encode("age", self.public_key)
+
+    def wrap(self, file_key: bytes) -> Stanza:
+        ephemeral = os.urandom(32)
+        share = _x25519(ephemeral, (9).to_bytes(32, "little"))
+        shared = _x25519(ephemeral, self.public_key)
+        key = _hkdf(shared, share + self.public_key, _X25519_INFO)
+        return Stanza(["X25519", _b64encode(share)], _aead_seal(key, file_key))
+
+
+class SshRsaRecipient(Recipient):
+    type = "ssh-rsa"
+
+    def __init__(self, wire: bytes):
+        kind, pos = _ssh_string(wire, 0)
+        e_raw, pos = _ssh_string(wire, pos)
+        n_raw, pos = _ssh_string(wire, pos)
+        if kind != b"ssh-rsa" or pos != len(wire):
+            raise ValueError("malformed ssh-rsa key")
+        e, n = int.from_bytes(e_raw, "big"), int.from_bytes(n_raw, "big")
+        if not (MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS):
+            raise ValueError(
+                f"RSA key of {n.bit_length()} bits; use at least {MIN_RSA_BITS} bits (4096 recommended)"
+            )
+        if e < 3 or e % 2 == 0:
+            raise ValueError("malformed ssh-rsa key (bad exponent)")
+        self.wire = wire
+        self.key = rsa.RSAPublicNumbers(e, n).public_key()
+
+    @property
+    def fingerprint(self) -> str:
+        return "ssh-rsa " + _ssh_fingerprint(self.wire)
+
+    def wrap(self, file_key: bytes) -> Stanza:
+        body = self.key.encrypt(
+            file_key,
+            padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_RSA_LABEL),
+        )
+        return Stanza(["ssh-rsa", _ssh_tag(self.wire)], body)
+
+
+class SshEd25519Recipient(Recipient):
+    type = "ssh-ed25519"
+
+    def __init__(self, wire: bytes):
+        kind, pos = _ssh_string(wire, 0)
+        pub, pos = _ssh_string(wire, pos)
+        if kind != b"ssh-ed25519" or pos != len(wire):
+            raise ValueError("malformed ssh-ed25519 key")
+        self.wire = wire
+        self.x25519_public = _ed25519_to_x25519_public(pub)
+        try:
+            _x25519(os.urandom(32), self.x25519_public)
+        except ValueError:
+            raise ValueError("ssh-ed25519 key is a low-order point") from None
+
+    @property
+    def fingerprint(self) -> str:
+        return "ssh-ed25519 " + _ssh_fingerprint(self.wire)
+
+    def wrap(self, file_key: bytes) -> Stanza:
+        ephemeral = os.urandom(32)
+        share = _x25519(ephemeral, (9).to_bytes(32, "little"))
+        shared = _x25519(ephemeral, self.x25519_public)
+        tweak = _hkdf(b"", self.wire, _ED25519_INFO)
+        shared = _x25519(tweak, shared)
+        key = _hkdf(shared, share + self.x25519_public, _ED25519_INFO)
+        return Stanza(["ssh-ed25519", _ssh_tag(self.wire), _b64encode(share)], _aead_seal(key, file_key))
+
+
+_SSH_TYPES = {"ssh-rsa": SshRsaRecipient, "ssh-ed25519": SshEd25519Recipient}
+
+
+def _short(s: str, limit: int = 60) -> str:
+    s = s.strip()
+    return repr(s if len(s) <= limit else s[: limit - 1] + "…")
+
+
+def parse_recipient(text: str, where: str | None = None) -> Recipient:
+    """One recipient: ``age1…``, or an SSH public key line (authorized_keys options allowed).
+
+    Raises UsageError naming `where` (e.g. "keys.txt line 3") when the text is not usable.
+    """
+    s = text.strip()
+    prefix = f"{where}: " if where else ""
+    if s.startswith("age1"):
+        try:
+            hrp, _ = bech32.decode(s)
+        except ValueError as e:
+            raise UsageError(f"{prefix}{_short(s)} is not a valid age recipient ({e}).") from None
+        if hrp != "age":
+            raise UsageError(
+                f"{prefix}{_short(s)} is an age plugin or post-quantum recipient; packerfs supports "
+                "X25519 (age1…), ssh-rsa and ssh-ed25519 recipients."
+            )
+        try:
+            return X25519Recipient.from_string(s)
+        except ValueError as e:
+            raise UsageError(f"{prefix}{_short(s)} is not a valid age recipient ({e}).") from None
+    tokens = s.split()
+    for i, tok in enumerate(tokens[:-1]):
+        if tok.startswith(("ssh-", "ecdsa-", "sk-")):
+            try:
+                wire = _b64decode(tokens[i + 1].rstrip("="))
+                kind, _ = _ssh_string(wire, 0)
+            except ValueError:
+                continue
+            if kind.decode("ascii", "replace") != tok:
+                raise UsageError(f"{prefix}{_short(s)}: the key data does not match its type {tok}.")
+            cls = _SSH_TYPES.get(tok)
+            if cls is None:
+                raise UsageError(
+                    f"{prefix}SSH keys of type {tok} cannot be age recipients; use ssh-ed25519, "
+                    "ssh-rsa (4096 bits), or an age key (packerfs keygen)."
+                )
+            try:
+                return cls(wire)
+            except ValueError as e:
+                raise UsageError(f"{prefix}unusable {tok} recipient: {e}.") from None
+    raise UsageError(
+        f"{prefix}{_short(s)} is not an age recipient (age1…) or an SSH public key "
+        "(ssh-ed25519 …, ssh-rsa …)."
+    )
+
+
+def parse_recipients_text(text: str, source: str) -> list[Recipient]:
+    """A recipients file as `age -R` reads it: one per line, '#' comments, blank lines."""
+    out: list[Recipient] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append(parse_recipient(line, f"{source} line {lineno}"))
+    if not out:
+        raise UsageError(f"{source}: no recipients found in the file.")
+    return out
+
+
+def read_recipients_file(path: str) -> list[Recipient]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(16 * 1024 * 1024 + 1)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read recipients file: {e.strerror}.") from None
+    if len(raw) > 16 * 1024 * 1024:
+        raise UsageError(f"{path}: recipients file is too large.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: recipients file is not text.") from None
+    return parse_recipients_text(text, path)
+
+
+# --------------------------------------------------------------------------- identities
+
+
+class Identity(ABC):
+    """Something that can unwrap the file key from a stanza addressed to it."""
+
+    type: str
+    source: str = "?"
+
+    @abstractmethod
+    def unwrap(self, stanza: Stanza) -> bytes | None:
+        """The file key, or None if the stanza is not for this identity.
+
+        A stanza of this identity's type that is malformed, or that names this
+        identity (by tag) but fails to open, raises FormatError.
+        """
+
+
+def _stanza_error(stanza: Stanza, what: str) -> FormatError:
+    return FormatError(f"age header: {stanza.type} stanza {what}", offset=stanza.offset)
+
+
+def _check_file_key(stanza: Stanza, key: bytes) -> bytes:
+    if len(key) != FILE_KEY_SIZE:
+        raise _stanza_error(stanza, "carries a file key of the wrong size")
+    return key
+
+
+class X25519Identity(Identity):
+    type = "X25519"
+
+    def __init__(self, secret: bytes, source: str = "?"):
+        self._secret = secret
+        self.public_key = _x25519(secret, (9).to_bytes(32, "little"))
+        self.source = source
+
+    @classmethod
+    def from_string(cls, s: str, source: str = "?") -> "X25519Identity":
+        hrp, data = bech32.decode(s)
+        if hrp != "age-secret-key-" or s != s.upper() or len(data) != 32:
+            raise ValueError("not an AGE-SECRET-KEY-1… identity")
+        return cls(data, source)
+
+    def to_string(self) -> str:
+        return bech32.encode("age-secret-key-", self._secret, upper=True)
+
+    @property
+    def recipient(self) -> str:
+        return bech32.encode("age", self.public_key)
+
+    def unwrap(self, stanza: Stanza) -> bytes | None:
+        if stanza.type != "X25519":
+            return None
+        if len(stanza.args) != 2:
+            raise _stanza_error(stanza, "has the wrong number of arguments")
+        try:
+            share = _b64decode(stanza.args[1])
+        except ValueError:
+            share = b""
+        if len(share) != 32:
+            raise _stanza_error(stanza, "has a malformed ephemeral share")
+        if len(stanza.body) != 32:
+            raise _stanza_error(stanza, "has a body of the wrong size")
+        try:
+            shared = _x25519(self._secret, share)
+        except ValueError:
+            raise _stanza_error(stanza, "has a low-order ephemeral share") from None
+        key = _aead_open(_hkdf(shared, share + self.public_key, _X25519_INFO), stanza.body)
+        return None if key is None else _check_file_key(stanza, key)
+
+
+class SshRsaIdentity(Identity):
+    type = "ssh-rsa"
+
+    def __init__(self, key: rsa.RSAPrivateKey, source: str = "?"):
+        self._key = key
+        self.wire = _ssh_public_wire(key.public_key())
+        self.tag = _ssh_tag(self.wire)
+        self.source = source
+
+    def unwrap(self, stanza: Stanza) -> bytes | None:
+        if stanza.type != "ssh-rsa":
+            return None
+        if len(stanza.args) != 2:
+            raise _stanza_error(stanza, "has the wrong number of arguments")
+        if stanza.args[1] != self.tag:
+            return None
+        try:
+            key = self._key.decrypt(
+                stanza.body,
+                padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_RSA_LABEL),
+            )
+        except ValueError:
+            raise _stanza_error(stanza, f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)") from None
+        return _check_file_key(stanza, key)
+
+
+class SshEd25519Identity(Identity):
+    type = "ssh-ed25519"
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey, source: str = "?"):
+        seed = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        self._secret = hashlib.sha512(seed).digest()[:32]
+        self.x25519_public = _x25519(self._secret, (9).to_bytes(32, "little"))
+        self.wire = _ssh_public_wire(key.public_key())
+        self.tag = _ssh_tag(self.wire)
+        self._tweak = _hkdf(b"", self.wire, _ED25519_INFO)
+        self.source = source
+
+    def unwrap(self, stanza: Stanza) -> bytes | None:
+        if stanza.type != "ssh-ed25519":
+            return None
+        if len(stanza.args) != 3:
+            raise _stanza_error(stanza, "has the wrong number of arguments")
+        try:
+            share = _b64decode(stanza.args[2])
+        except ValueError:
+            share = b""
+        if len(share) != 32:
+            raise _stanza_error(stanza, "has a malformed ephemeral share")
+        if stanza.args[1] != self.tag:
+            return None
+        if len(stanza.body) != 32:
+            raise _stanza_error(stanza, "has a body of the wrong size")
+        try:
+            shared = _x25519(self._tweak, _x25519(self._secret, share))
+        except ValueError:
+            raise _stanza_error(stanza, "has a low-order ephemeral share") from None
+        key = _aead_open(_hkdf(shared, share + self.x25519_public, _ED25519_INFO), stanza.body)
+        if key is None:
+            raise _stanza_error(stanza, f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)")
+        return _check_file_key(stanza, key)
+
+
+_ENCRYPTED_SSH_HINT = (
+    "packerfs cannot prompt for passphrases; decrypt a private copy with "
+    "`cp KEY KEY.nopass && ssh-keygen -p -N '' -f KEY.nopass` (keep it mode 0600) and pass that, "
+    "or use an age identity (packerfs keygen)"
+)
+
+
+def _openssh_is_encrypted(pem: bytes) -> bool:
+    body = b"".join(
+        line.strip() for line in pem.splitlines() if line.strip() and not line.startswith(b"-----")
+    )
+    try:
+        blob = base64.b64decode(body)
+    except binascii.Error:
+        return False
+    magic = b"openssh-key-v1\x00"
+    if not blob.startswith(magic):
+        return False
+    try:
+        cipher, _ = _ssh_string(blob, len(magic))
+    except ValueError:
+        return False
+    return cipher != b"none"
+
+
+def _ssh_identity(data: bytes, path: str) -> Identity:
+    text = data.lstrip()
+    if text.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
+        if _openssh_is_encrypted(text):
+            raise KeyProblem(f"{path}: this OpenSSH private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.")
+        loader = serialization.load_ssh_private_key
+    elif text.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") or (
+        b"Proc-Type: 4,ENCRYPTED" in text[:512]
+    ):
+        raise KeyProblem(f"{path}: this private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.")
+    elif text.startswith((b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----")):
+        loader = serialization.load_pem_private_key
+    else:
+        raise KeyProblem(f"{path}: unsupported private key format; use an OpenSSH (RSA or Ed25519) key or an age identity.")
+    try:
+        key = loader(data, password=None)
+    except TypeError:
+        raise KeyProblem(f"{path}: this private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.") from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise KeyProblem(f"{path}: cannot read the private key ({str(e).splitlines()[0] if str(e) else 'malformed'}).") from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        return SshRsaIdentity(key, path)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return SshEd25519Identity(key, path)
+    raise KeyProblem(f"{path}: only RSA and Ed25519 SSH keys can be age identities, not {type(key).__name__.lstrip('_')}.")
+
+
+def parse_identities(data: bytes, path: str) -> list[Identity]:
+    """Identities from one file's bytes: an age identity file, or an OpenSSH/PEM private key."""
+    head = data.lstrip()
+    if head.startswith(b"-----BEGIN"):
+        if head.startswith(b"-----BEGIN AGE ENCRYPTED FILE-----"):
+            raise KeyProblem(f"{path}: passphrase-encrypted identity files are not supported; decrypt it with `age -d` to a mode-0600 file first.")
+        return [_ssh_identity(data, path)]
+    if head.startswith(b"age-encryption.org/"):
+        raise KeyProblem(f"{path}: passphrase-encrypted identity files are not supported; decrypt it with `age -d` to a mode-0600 file first.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyProblem(f"{path}: not an age identity file or a private key.") from None
+    out: list[Identity] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("AGE-PLUGIN-") or line.startswith("AGE-SECRET-KEY-PQ-"):
+            raise KeyProblem(f"{path} line {lineno}: plugin and post-quantum age identities are not supported; use an X25519 identity (AGE-SECRET-KEY-1…).")
+        try:
+            out.append(X25519Identity.from_string(line, path))
+        except ValueError:
+            raise KeyProblem(f"{path} line {lineno}: not an age identity (expected AGE-SECRET-KEY-1…).") from None
+    if not out:
+        raise KeyProblem(f"{path}: no identities found in the file.")
+    return out
+
+
+def load_identity_file(path: str) -> list[Identity]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(16 * 1024 * 1024 + 1)
+    except OSError as e:
+        raise KeyProblem(f"{path}: cannot read identity file: {e.strerror}.") from None
+    if len(data) > 16 * 1024 * 1024:
+        raise KeyProblem(f"{path}: identity file is too large.")
+    return parse_identities(data, path)
+
+
+# --------------------------------------------------------------------------- header
+
+
+def build_header(recipients: Sequence[Recipient], file_key: bytes) -> bytes:
+    body = INTRO + b"".join(r.wrap(file_key).encode() for r in recipients) + b"---"
+    return body + b" " + _b64encode(_header_mac(file_key, body)).encode("ascii") + b"\n"
+
+
+class _NeedMore(Exception):
+    pass
+
+
+@dataclass
+class Header:
+    stanzas: list[Stanza]
+    mac_input: bytes  # the header up to and including "---"
+    mac: bytes
+    size: int  # header length in bytes (payload starts here)
+    mac_offset: int = 0
+    raw: bytes = field(default=b"", repr=False)
+
+
+def _parse_header(buf: bytes, complete: bool) -> Header:
+    """Parse an age v1 header at the start of `buf` (raise _NeedMore if buf ends too early)."""
+    pos = 0
+    magic = b"age-encryption.org/"
+    if not buf.startswith(magic[: len(buf)]) and not buf.startswith(b"-----BEGIN AGE"):
+        raise FormatError("not an age file (bad version line)", offset=0)
+
+    def line() -> tuple[bytes, int]:
+        nonlocal pos
+        end = buf.find(b"\n", pos)
+        if end < 0:
+            if complete:
+                raise FormatError("age header is truncated", offset=len(buf))
+            raise _NeedMore
+        start = pos
+        pos = end + 1
+        return buf[start:end], start
+
+    first, _ = line()
+    if first + b"\n" != INTRO:
+        if first.startswith(b"age-encryption.org/"):
+            raise FormatError(f"unsupported age version {first.decode('ascii', 'replace')!r}", offset=0)
+        if first.startswith(b"-----BEGIN AGE ENCRYPTED FILE"):
+            raise FormatError("ASCII-armored age files are not supported; remove the armor first (age -d)", offset=0)
+        raise FormatError("not an age file (bad version line)", offset=0)
+    stanzas: list[Stanza] = []
+    while True:
+        text, start = line()
+        if text.startswith(b"-> "):
+            args_raw = text[3:].split(b" ")
+            if any(not a or any(c < 0x21 or c > 0x7E for c in a) for a in args_raw):
+                raise FormatError("age header: malformed stanza arguments", offset=start)
+            body_parts = []
+            while True:
+                chunk, cstart = line()
+                if len(chunk) > 64 or not _B64_RE.fullmatch(chunk):
+                    raise FormatError("age header: malformed stanza body", offset=cstart)
+                body_parts.append(chunk)
+                if len(chunk) < 64:
+                    break
+            try:
+                body = _b64decode(b"".join(body_parts))
+            except ValueError:
+                raise FormatError("age header: stanza body is not canonical base64", offset=start) from None
+            stanzas.append(Stanza([a.decode("ascii") for a in args_raw], body, start))
+        elif text.startswith(b"---"):
+            if not stanzas:
+                raise FormatError("age header has no recipient stanzas", offset=start)
+            if not text.startswith(b"--- ") or len(text) != 47:
+                raise FormatError("age header: malformed MAC line", offset=start)
+            try:
+                mac = _b64decode(text[4:])
+            except ValueError:
+                raise FormatError("age header: malformed MAC line", offset=start) from None
+            return Header(stanzas, buf[: start + 3], mac, pos, start, buf[:pos])
+        else:
+            raise FormatError("age header: unexpected line (damaged header?)", offset=start)
+
+
+def read_header(stream: RandomAccess) -> Header:
+    want = 4096
+    while True:
+        n = min(want, stream.size, MAX_HEADER_SIZE)
+        buf = stream.read(0, n)
+        if len(buf) != n:
+            raise FormatError("age stream is shorter than its stated size", offset=len(buf))
+        try:
+            return _parse_header(buf, complete=(n == stream.size))
+        except _NeedMore:
+            if n >= MAX_HEADER_SIZE:
+                raise FormatError("age header is too large", offset=0) from None
+            want *= 8
+
+
+# --------------------------------------------------------------------------- payload
+
+
+class _Chunker:
+    """Encrypts/decrypts STREAM chunks for one (payload key, plain size)."""
+
+    __slots__ = ("aead", "plain_size", "n_chunks")
+
+    def __init__(self, key: bytes, plain_size: int):
+        self.aead = ChaCha20Poly1305(key)
+        self.plain_size = plain_size
+        self.n_chunks = payload_chunks(plain_size)
+
+    def plain_len(self, index: int) -> int:
+        return min(CHUNK_SIZE, self.plain_size - index * CHUNK_SIZE)
+
+    def encrypt_range(self, first: int, plaintext: memoryview, out: memoryview) -> None:
+        """Encrypt chunks first, first+1, … whose plaintext is `plaintext` into `out`."""
+        last = self.n_chunks - 1
+        p = o = 0
+        i = first
+        total = len(plaintext)
+        while True:
+            n = min(CHUNK_SIZE, total - p)
+            self.aead.encrypt_into(_chunk_nonce(i, i == last), plaintext[p : p + n], None, out[o : o + n + TAG_SIZE])
+            p += n
+            o += n + TAG_SIZE
+            i += 1
+            if p >= total:
+                return
+
+    def stream_size(self, prefix: int) -> int:
+        return prefix + self.plain_size + TAG_SIZE * self.n_chunks
+
+
+def stream_size_for(header_size: int, plain_size: int) -> int:
+    return header_size + NONCE_SIZE + plain_size + TAG_SIZE * payload_chunks(plain_size)
+
+
+# --------------------------------------------------------------------------- pack side
+
+
+def encode_params(header: bytes, wrapped: bytes) -> bytes:
+    return bytes([_PARAMS_VERSION]) + _uvarint(len(header)) + header + wrapped
+
+
+def decode_params(params: bytes, dataset_secret: bytes) -> tuple[bytes, bytes, bytes]:
+    """-> (header, file key, payload nonce)."""
+    if not params or params[0] != _PARAMS_VERSION:
+        raise FormatError("age stream parameters are from an unknown packerfs version")
+    n, pos = _read_uvarint(params, 1)
+    header = params[pos : pos + n]
+    if len(header) != n:
+        raise FormatError("age stream parameters are truncated")
+    secret = _secrets.unwrap(dataset_secret, params[pos + n :], _PARAMS_CONTEXT + header)
+    if len(secret) != FILE_KEY_SIZE + NONCE_SIZE:
+        raise FormatError("age stream parameters are malformed")
+    return header, secret[:FILE_KEY_SIZE], secret[FILE_KEY_SIZE:]
+
+
+class AgeEncryptor(Encryptor):
+    def __init__(self, cipher: "AgeCipher", plain_size: int, dataset_secret: bytes):
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        file_key = os.urandom(FILE_KEY_SIZE)
+        nonce = os.urandom(NONCE_SIZE)
+        header = build_header(cipher._recipients, file_key)
+        if len(header) != cipher.header_size:  # stream_size() would be wrong; never expected
+            raise RuntimeError("age header length is not a pure function of the recipients")
+        wrapped = _secrets.wrap(dataset_secret, file_key + nonce, _PARAMS_CONTEXT + header)
+        self._params = encode_params(header, wrapped)
+        self._chunker = _Chunker(payload_key(file_key, nonce), plain_size)
+        self._pending: bytes | None = header + nonce
+        self._buf = bytearray()
+        self._index = 0  # next chunk to emit
+        self._fed = 0
+        self._done = False
+
+    def _emit(self, data: memoryview) -> tuple[bytes | bytearray, int]:
+        """Encrypt the complete chunks at the start of `data`; -> (stream bytes, plaintext consumed)."""
+        ch = self._chunker
+        if self._index >= ch.n_chunks:
+            return b"", 0
+        remaining = ch.plain_size - self._index * CHUNK_SIZE  # plaintext not yet encrypted
+        if len(data) >= remaining:  # everything that is left, final chunk included
+            take, n = remaining, ch.n_chunks - self._index
+        else:
+            n = len(data) // CHUNK_SIZE
+            if n == 0:
+                return b"", 0
+            take = n * CHUNK_SIZE
+        out = bytearray(take + n * TAG_SIZE)
+        ch.encrypt_range(self._index, data[:take], memoryview(out))
+        self._index += n
+        return out, take
+
+    def update(self, plaintext: bytes) -> bytes:
+        if self._done:
+            raise RuntimeError("update() after finish()")
+        n = len(plaintext)
+        self._fed += n
+        if self._fed > self._chunker.plain_size:
+            raise SourceChanged(
+                f"the file grew while it was being encrypted (more than {self._chunker.plain_size} bytes)"
+            )
+        parts = []
+        if self._pending is not None:
+            parts.append(self._pending)
+            self._pending = None
+        if self._buf:
+            need = min(CHUNK_SIZE, self._chunker.plain_size - self._index * CHUNK_SIZE) - len(self._buf)
+            self._buf += plaintext[:need]
+            plaintext = memoryview(plaintext)[need:]
+            out, used = self._emit(memoryview(self._buf))
+            if not out:
+                return b"".join(parts)
+            parts.append(out)
+            self._buf = bytearray()
+        mv = memoryview(plaintext)
+        out, used = self._emit(mv)
+        if out:
+            parts.append(out)
+        if used < len(mv):
+            self._buf += mv[used:]
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise RuntimeError("finish() called twice")
+        if self._fed != self._chunker.plain_size:
+            raise SourceChanged(
+                f"the file shrank while it was being encrypted ({self._fed} of {self._chunker.plain_size} bytes)"
+            )
+        self._done = True
+        parts = []
+        if self._pending is not None:
+            parts.append(self._pending)
+            self._pending = None
+        if self._index < self._chunker.n_chunks:
+            out, _ = self._emit(memoryview(self._buf))
+            parts.append(out)
+            self._buf = bytearray()
+        assert self._index == self._chunker.n_chunks
+        return b"".join(parts)
+
+    def params(self) -> bytes:
+        if not self._done:
+            raise RuntimeError("params() before finish()")
+        return self._params
+
+
+class AgeStream:
+    """Random access to a regenerated age stream (RandomAccess)."""
+
+    def __init__(self, header: bytes, file_key: bytes, nonce: bytes, plain_size: int, read_plain: ReadAt):
+        self._prefix = header + nonce
+        self._chunker = _Chunker(payload_key(file_key, nonce), plain_size)
+        self._read_plain = read_plain
+        self._size = self._chunker.stream_size(len(self._prefix))
+        self._cache: tuple[int, bytes] | None = None  # (chunk index, stream bytes of that chunk)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def header_size(self) -> int:
+        return len(self._prefix) - NONCE_SIZE
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self._size)
+        if offset >= end:
+            return b""
+        P = len(self._prefix)
+        parts = []
+        if offset < P:
+            parts.append(self._prefix[offset : min(end, P)])
+            if end <= P:
+                return parts[0]
+        c_off = max(offset, P) - P
+        c_end = end - P
+        first = c_off // ENC_CHUNK_SIZE
+        last = (c_end - 1) // ENC_CHUNK_SIZE
+        ch = self._chunker
+        cache = self._cache
+        lead = b""
+        start_idx = first
+        if cache is not None and cache[0] == first:
+            lead = cache[1]
+            start_idx = first + 1
+        if start_idx <= last:
+            p_start = start_idx * CHUNK_SIZE
+            p_end = min((last + 1) * CHUNK_SIZE, ch.plain_size)
+            plain = self._read_plain(p_start, p_end - p_start) if p_end > p_start else b""
+            if len(plain) != p_end - p_start:
+                raise SourceChanged(
+                    f"source returned {len(plain)} bytes at offset {p_start}, expected {p_end - p_start}"
+                )
+            n = last - start_idx + 1
+            body = bytearray(len(lead) + (p_end - p_start) + n * TAG_SIZE)
+            body[: len(lead)] = lead
+            ch.encrypt_range(start_idx, memoryview(plain), memoryview(body)[len(lead) :])
+        else:
+            body = lead
+        base = first * ENC_CHUNK_SIZE
+        tail_start = last * ENC_CHUNK_SIZE - base
+        if c_end - base < len(body):  # read ended inside chunk `last`: keep it for the next read
+            self._cache = (last, bytes(body[tail_start:]))
+        view = memoryview(body)[c_off - base : c_end - base]
+        if not parts:
+            return bytes(view)
+        parts.append(view)
+        return b"".join(parts)
+
+
+class AgeCipher(Cipher):
+    name = "age"
+    suffix = ".age"
+
+    def __init__(self, recipients: Sequence[Recipient]):
+        uniq: dict[str, Recipient] = {}
+        for r in recipients:
+            uniq.setdefault(r.fingerprint, r)
+        if not uniq:
+            raise UsageError("age encryption needs at least one recipient.")
+        self._recipients = list(uniq.values())
+        self._header_size = len(build_header(self._recipients, os.urandom(FILE_KEY_SIZE)))
+
+    @classmethod
+    def from_strings(cls, recipients: Iterable[str] = (), recipients_files: Iterable[str] = ()) -> "AgeCipher":
+        rs = [parse_recipient(s) for s in recipients]
+        for path in recipients_files:
+            rs.extend(read_recipients_file(path))
+        return cls(rs)
+
+    @property
+    def recipients(self) -> list[str]:
+        return [r.fingerprint for r in self._recipients]
+
+    @property
+    def header_size(self) -> int:
+        return self._header_size
+
+    def stream_size(self, plain_size: int) -> int:
+        return stream_size_for(self._header_size, plain_size)
+
+    def new_file(self, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
+        return AgeEncryptor(self, plain_size, dataset_secret)
+
+    def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> AgeStream:
+        header, file_key, nonce = decode_params(params, dataset_secret)
+        return AgeStream(header, file_key, nonce, plain_size, read_plain)
+
+
+# --------------------------------------------------------------------------- unpack side
+
+
+class AgePlaintext:
+    """Random-access, authenticated plaintext of an age stream (RandomAccess).
+
+    Every byte returned comes from a chunk whose Poly1305 tag verified; the
+    final chunk is verified when the object is created, which authenticates the
+    stream's length (STREAM's last-chunk flag), so a truncated or extended
+    stream is refused up front.
+    """
+
+    def __init__(self, stream: RandomAccess, header: Header, file_key: bytes, name: str | None = None):
+        self._stream = stream
+        self._name = name
+        self._base = header.size + NONCE_SIZE
+        if stream.size < self._base:
+            raise FormatError("age stream is truncated (no payload nonce)", path=name, offset=stream.size)
+        nonce = stream.read(header.size, NONCE_SIZE)
+        if len(nonce) != NONCE_SIZE:
+            raise FormatError("age stream is shorter than its stated size", path=name, offset=header.size)
+        payload = stream.size - self._base
+        full, rem = divmod(payload, ENC_CHUNK_SIZE)
+        if rem == 0 and full == 0:
+            raise FormatError("age stream is truncated (no payload chunk)", path=name, offset=stream.size)
+        if 0 < rem < TAG_SIZE or (rem == TAG_SIZE and full > 0):
+            raise FormatError(
+                "age stream has an invalid length (truncated, or extra bytes at the end)",
+                path=name,
+                offset=stream.size,
+            )
+        n_chunks = full + (1 if rem else 0)
+        plain_size = payload - TAG_SIZE * n_chunks
+        self._aead = ChaCha20Poly1305(payload_key(file_key, nonce))
+        self._n_chunks = n_chunks
+        self._size = plain_size
+        self._cache: tuple[int, bytes] | None = None
+        last = n_chunks - 1
+        try:
+            self._cache = (last, self._decrypt(last, 1)[1])
+        except FormatError as e:
+            raise FormatError(
+                "age stream's final chunk does not authenticate: the stream is truncated or damaged",
+                path=name,
+                offset=e.offset,
+            ) from None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _decrypt(self, first: int, count: int) -> tuple[int, bytearray]:
+        """Decrypt chunks [first, first+count); -> (plain length, plaintext)."""
+        start = self._base + first * ENC_CHUNK_SIZE
+        end = min(self._base + (first + count) * ENC_CHUNK_SIZE, self._stream.size)
+        ct = self._stream.read(start, end - start)
+        if len(ct) != end - start:
+            raise FormatError("age stream is shorter than its stated size", path=self._name, offset=start + len(ct))
+        out = bytearray(len(ct) - TAG_SIZE * count)
+        mv_ct, mv_out = memoryview(ct), memoryview(out)
+        last = self._n_chunks - 1
+        p = o = 0
+        for i in range(first, first + count):
+            n = min(ENC_CHUNK_SIZE, len(ct) - p)
+            try:
+                self._aead.decrypt_into(_chunk_nonce(i, i == last), mv_ct[p : p + n], None, mv_out[o : o + n - TAG_SIZE])
+            except InvalidTag:
+                raise FormatError(
+                    f"age payload chunk {i} fails authentication (damaged or altered data)",
+                    path=self._name,
+                    offset=start + p,
+                ) from None
+            p += n
+            o += n - TAG_SIZE
+        return len(out), out
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self._size)
+        if offset >= end:
+            return b""
+        first = offset // CHUNK_SIZE
+        last = (end - 1) // CHUNK_SIZE
+        cache = self._cache
+        if cache is not None and first == last == cache[0]:
+            base = first * CHUNK_SIZE
+            return cache[1][offset - base : end - base]
+        lead = b""
+        start_idx = first
+        if cache is not None and cache[0] == first:
+            lead, start_idx = cache[1], first + 1
+        _, body = self._decrypt(start_idx, last - start_idx + 1)
+        if lead:
+            body = lead + body
+        base = first * CHUNK_SIZE
+        tail = (last - first) * CHUNK_SIZE
+        if end - base < len(body) or last == self._n_chunks - 1:
+            self._cache = (last, bytes(body[tail:]))
+        return bytes(memoryview(body)[offset - base : end - base])
+
+    def iter_verified(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The whole plaintext in order, every chunk authenticated (final chunk included)."""
+        per = max(1, chunk_size // CHUNK_SIZE)
+        i = 0
+        while i < self._n_chunks:
+            n = min(per, self._n_chunks - i)
+            length, out = self._decrypt(i, n)
+            if length:
+                yield bytes(out)
+            i += n
+
+
+def _with_path(e: FormatError, name: str) -> FormatError:
+    msg = str(e)
+    prefix = f"offset {e.offset}: "
+    if e.offset is not None and msg.startswith(prefix):
+        msg = msg[len(prefix) :]
+    return type(e)(msg, path=name, offset=e.offset)
+
+
+def open_age_plaintext(
+    stream: RandomAccess, identities: Sequence[Identity], name: str | None = None
+) -> AgePlaintext:
+    """Authenticate the header, unwrap the file key, and give random access to the plaintext."""
+    try:
+        header = read_header(stream)
+        file_key = None
+        for stanza in header.stanzas:
+            for ident in identities:
+                file_key = ident.unwrap(stanza)
+                if file_key is not None:
+                    break
+            if file_key is not None:
+                break
+    except FormatError as e:
+        if name is None or e.path is not None:
+            raise
+        raise _with_path(e, name) from None
+    if file_key is None:
+        counts: dict[str, int] = {}
+        for s in header.stanzas:
+            counts[s.type] = counts.get(s.type, 0) + 1
+        to = ", ".join(f"{n} {t}" for t, n in counts.items())
+        where = f"{name}: " if name else ""
+        if not identities:
+            raise KeyProblem(
+                f"{where}no age identity was given; this file is encrypted to {to} recipient(s): "
+                "pass the matching identity file or OpenSSH private key."
+            )
+        srcs = sorted({i.source for i in identities})
+        raise KeyProblem(
+            f"{where}none of the identities in {', '.join(srcs)} can open this age file; it is encrypted to "
+            f"{to} recipient(s)."
+        )
+    if not hmac.compare_digest(_header_mac(file_key, header.mac_input), header.mac):
+        raise FormatError("age header MAC does not verify (the header was altered)", path=name, offset=header.mac_offset)
+    return AgePlaintext(stream, header, file_key, name)

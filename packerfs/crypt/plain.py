@@ -1,0 +1,77 @@
+"""The identity "cipher": the stored stream is the plaintext itself (--no-encryption)."""
+
+from __future__ import annotations
+
+from packerfs.crypt.base import Cipher, Encryptor, ReadAt
+from packerfs.errors import SourceChanged
+
+__all__ = ["PlainCipher", "PlainEncryptor", "PlainStream"]
+
+
+class PlainEncryptor(Encryptor):
+    def __init__(self, plain_size: int):
+        self._size = plain_size
+        self._fed = 0
+        self._done = False
+
+    def update(self, plaintext: bytes) -> bytes:
+        if self._done:
+            raise RuntimeError("update() after finish()")
+        self._fed += len(plaintext)
+        if self._fed > self._size:
+            raise SourceChanged(f"the file grew while it was being read (more than {self._size} bytes)")
+        return bytes(plaintext)
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise RuntimeError("finish() called twice")
+        if self._fed != self._size:
+            raise SourceChanged(f"the file shrank while it was being read ({self._fed} of {self._size} bytes)")
+        self._done = True
+        return b""
+
+    def params(self) -> bytes:
+        if not self._done:
+            raise RuntimeError("params() before finish()")
+        return b""
+
+
+class PlainStream:
+    """RandomAccess over the plaintext source."""
+
+    def __init__(self, plain_size: int, read_plain: ReadAt):
+        self._size = plain_size
+        self._read_plain = read_plain
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self._size)
+        if offset >= end:
+            return b""
+        data = self._read_plain(offset, end - offset)
+        if len(data) != end - offset:
+            raise SourceChanged(f"source returned {len(data)} bytes at offset {offset}, expected {end - offset}")
+        return data
+
+
+class PlainCipher(Cipher):
+    name = "plain"
+    suffix = ""
+
+    @property
+    def recipients(self) -> list[str]:
+        return []
+
+    def stream_size(self, plain_size: int) -> int:
+        return plain_size
+
+    def new_file(self, plain_size: int, dataset_secret: bytes) -> PlainEncryptor:
+        return PlainEncryptor(plain_size)
+
+    def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> PlainStream:
+        return PlainStream(plain_size, read_plain)

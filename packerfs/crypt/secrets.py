@@ -1,0 +1,183 @@
+"""The dataset secret, and wrapping per-file secrets under it.
+
+Why a dataset secret
+--------------------
+A stored stream must be regenerated, byte for byte, on every read (invariant 1),
+so each file version's randomness (age: file key, payload nonce, ephemeral
+shares; OpenPGP: session key, prefix) is drawn once and kept in the index as an
+opaque *params* blob. The index is not a secret store (invariant 5): anything
+in it that would decrypt a stream is wrapped here, with authenticated
+encryption, under the 32-byte dataset secret kept in ``STATE_DIR/dataset.key``
+(mode 0600). Without that file the index holds no usable key material; with a
+different one, unwrap() fails with KeyProblem instead of producing garbage.
+
+Why deterministic regeneration never reuses keystream over different plaintext
+------------------------------------------------------------------------------
+Regenerating a range re-encrypts the source's current bytes with the same key
+and nonce as at scan time. If the source had changed, that would put one
+keystream over two plaintexts, which breaks stream ciphers. It cannot leak,
+because:
+
+* every block packerfs serves is first hashed and matched to the CID recorded
+  at scan time (invariant 2). A block made from changed source bytes does not
+  match, so the read fails with EIO before any byte derived from the new
+  plaintext leaves packerfs; only ciphertext identical to what was already
+  published can ever be emitted, and that reveals nothing new;
+* a changed file is a new file version: a rescan calls Cipher.new_file() again,
+  which draws fresh secrets (new file key and nonce for age, new session key for
+  OpenPGP), so the new content is never published under the old keystream.
+
+Wrapped-blob format (version 1)::
+
+    0x01 || salt (24 random bytes) || ChaCha20-Poly1305(k, nonce=0, data, aad=context)
+    k = HKDF-SHA256(ikm=dataset secret, salt=salt, info="packerfs/wrap/v1")
+
+A fresh random salt gives every wrap its own key, so the fixed nonce is never
+repeated under one key and there is no nonce-collision budget to track. The
+caller's ``context`` (e.g. the age header) is authenticated, which binds a
+wrapped secret to the stream it belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from packerfs.errors import FormatError, KeyProblem
+
+__all__ = [
+    "DATASET_KEY_NAME",
+    "SECRET_SIZE",
+    "load_or_create_dataset_secret",
+    "wrap",
+    "unwrap",
+]
+
+DATASET_KEY_NAME = "dataset.key"
+SECRET_SIZE = 32
+
+_WRAP_VERSION = 1
+_SALT_SIZE = 24
+_TAG_SIZE = 16
+_ZERO_NONCE = bytes(12)
+_WRAP_INFO = b"packerfs/wrap/v1"
+
+
+def _check_and_read(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise KeyProblem(f"{path}: cannot open the dataset secret: {e.strerror}.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyProblem(f"{path}: the dataset secret is not a regular file.")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise KeyProblem(
+                f"{path}: the dataset secret has mode {mode:04o}, readable by others; "
+                f"it must be private to its owner (chmod 600 {path})."
+            )
+        data = b""
+        while len(data) <= SECRET_SIZE:
+            piece = os.read(fd, SECRET_SIZE + 1 - len(data))
+            if not piece:
+                break
+            data += piece
+    finally:
+        os.close(fd)
+    if len(data) != SECRET_SIZE:
+        raise KeyProblem(
+            f"{path}: the dataset secret must be exactly {SECRET_SIZE} bytes, found "
+            f"{len(data) if len(data) <= SECRET_SIZE else 'more'}; it is damaged or not a packerfs key."
+        )
+    return data
+
+
+def load_or_create_dataset_secret(state_dir: str | os.PathLike[str]) -> bytes:
+    """Return the 32-byte secret in ``state_dir/dataset.key``, creating it if absent.
+
+    Creation is atomic: the key is written to a private temporary file and
+    hard-linked into place, so a concurrent creator or a crash never leaves a
+    short or world-readable key, and an existing key is never replaced. A key
+    file with any group/other permission bit set is refused (KeyProblem).
+    """
+    state_dir = os.fspath(state_dir)
+    path = os.path.join(state_dir, DATASET_KEY_NAME)
+    try:
+        return _check_and_read(path)
+    except FileNotFoundError:
+        pass
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise KeyProblem(f"{state_dir}: cannot create the state directory: {e.strerror}.") from None
+    secret = os.urandom(SECRET_SIZE)
+    tmp = os.path.join(state_dir, f".{DATASET_KEY_NAME}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        raise KeyProblem(f"{path}: cannot create the dataset secret: {e.strerror}.") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # in case the umask or the filesystem widened it
+            view = memoryview(secret)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # someone else created it first; use theirs
+        except OSError as e:
+            raise KeyProblem(f"{path}: cannot create the dataset secret: {e.strerror}.") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    try:
+        dfd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return _check_and_read(path)
+
+
+def _subkey(secret: bytes, salt: bytes) -> ChaCha20Poly1305:
+    if len(secret) != SECRET_SIZE:
+        raise ValueError(f"the dataset secret must be {SECRET_SIZE} bytes")
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_WRAP_INFO).derive(secret)
+    return ChaCha20Poly1305(key)
+
+
+def wrap(secret: bytes, data: bytes, context: bytes) -> bytes:
+    """Encrypt and authenticate `data` under the dataset secret, bound to `context`."""
+    salt = os.urandom(_SALT_SIZE)
+    return bytes([_WRAP_VERSION]) + salt + _subkey(secret, salt).encrypt(_ZERO_NONCE, data, context)
+
+
+def unwrap(secret: bytes, blob: bytes, context: bytes) -> bytes:
+    """Inverse of wrap(). Wrong secret or context => KeyProblem; malformed blob => FormatError."""
+    if len(blob) < 1 + _SALT_SIZE + _TAG_SIZE or blob[0] != _WRAP_VERSION:
+        raise FormatError("wrapped stream secret is malformed or from an unknown packerfs version")
+    salt = blob[1 : 1 + _SALT_SIZE]
+    try:
+        return _subkey(secret, salt).decrypt(_ZERO_NONCE, blob[1 + _SALT_SIZE :], context)
+    except InvalidTag:
+        raise KeyProblem(
+            "the stream secrets in the index do not open with this dataset.key "
+            "(the index was made with another dataset secret, or it is damaged)."
+        ) from None
