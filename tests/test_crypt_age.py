@@ -471,3 +471,26 @@ def test_recipient_fingerprints_match_ssh_keygen(keys):
     assert make_cipher([keys["x25519"].recipient]).recipients == [keys["x25519"].recipient]
     c = AgeCipher([parse_recipient(keys["x25519"].recipient)] * 2)
     assert len(c.recipients) == 1
+
+
+@pytest.mark.skipif(not HAVE_SSH_KEYGEN, reason="needs ssh-keygen -m PEM")
+def test_pem_rsa_identity(secret, tmp_path):
+    path = tmp_path / "pem_rsa"
+    run("ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", str(path))
+    assert path.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    cipher = make_cipher([str(tmp_path / "pem_rsa.pub")])
+    data = payload(70_000)
+    stream, _ = encrypt(cipher, data, secret)
+    plain = open_plaintext(Bytes(stream), KeyRing([str(path)]), "age")
+    assert plain.read(0, plain.size) == data
+    (tmp_path / "f.age").write_bytes(stream)
+    assert run("age", "-d", "-i", str(path), str(tmp_path / "f.age")).stdout == data
+
+
+def test_encrypted_age_identity_file_is_refused(keys, tmp_path):
+    src = keys["x25519"].identity
+    locked = tmp_path / "locked.age"
+    run("age", "-r", keys["x25519"].recipient, "-o", str(locked), str(src))
+    with pytest.raises(KeyProblem) as ei:
+        KeyRing([str(locked)])
+    assert "age -d" in str(ei.value)

@@ -522,7 +522,8 @@ class SshRsaIdentity(Identity):
                 padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_RSA_LABEL),
             )
         except ValueError:
-            raise _stanza_error(stanza, f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)") from None
+            what = f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)"
+            raise _stanza_error(stanza, what) from None
         return _check_file_key(stanza, key)
 
 
@@ -603,29 +604,34 @@ def _ssh_identity(data: bytes, path: str) -> Identity:
     elif text.startswith((b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----")):
         loader = serialization.load_pem_private_key
     else:
-        raise KeyProblem(f"{path}: unsupported private key format; use an OpenSSH (RSA or Ed25519) key or an age identity.")
+        raise KeyProblem(
+            f"{path}: unsupported private key format; use an OpenSSH (RSA or Ed25519) key or an age identity."
+        )
     try:
         key = loader(data, password=None)
     except TypeError:
         raise KeyProblem(f"{path}: this private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.") from None
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise KeyProblem(f"{path}: cannot read the private key ({str(e).splitlines()[0] if str(e) else 'malformed'}).") from None
+        why = str(e).splitlines()[0] if str(e) else "malformed"
+        raise KeyProblem(f"{path}: cannot read the private key ({why}).") from None
     if isinstance(key, rsa.RSAPrivateKey):
         return SshRsaIdentity(key, path)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return SshEd25519Identity(key, path)
-    raise KeyProblem(f"{path}: only RSA and Ed25519 SSH keys can be age identities, not {type(key).__name__.lstrip('_')}.")
+    kind = type(key).__name__.lstrip("_")
+    raise KeyProblem(f"{path}: only RSA and Ed25519 SSH keys can be age identities, not {kind}.")
 
 
 def parse_identities(data: bytes, path: str) -> list[Identity]:
     """Identities from one file's bytes: an age identity file, or an OpenSSH/PEM private key."""
     head = data.lstrip()
+    if head.startswith((b"age-encryption.org/", b"-----BEGIN AGE ENCRYPTED FILE-----")):
+        raise KeyProblem(
+            f"{path}: passphrase-encrypted identity files are not supported; "
+            "decrypt it with `age -d` to a mode-0600 file first."
+        )
     if head.startswith(b"-----BEGIN"):
-        if head.startswith(b"-----BEGIN AGE ENCRYPTED FILE-----"):
-            raise KeyProblem(f"{path}: passphrase-encrypted identity files are not supported; decrypt it with `age -d` to a mode-0600 file first.")
         return [_ssh_identity(data, path)]
-    if head.startswith(b"age-encryption.org/"):
-        raise KeyProblem(f"{path}: passphrase-encrypted identity files are not supported; decrypt it with `age -d` to a mode-0600 file first.")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -636,7 +642,10 @@ def parse_identities(data: bytes, path: str) -> list[Identity]:
         if not line or line.startswith("#"):
             continue
         if line.startswith("AGE-PLUGIN-") or line.startswith("AGE-SECRET-KEY-PQ-"):
-            raise KeyProblem(f"{path} line {lineno}: plugin and post-quantum age identities are not supported; use an X25519 identity (AGE-SECRET-KEY-1…).")
+            raise KeyProblem(
+                f"{path} line {lineno}: plugin and post-quantum age identities are not supported; "
+                "use an X25519 identity (AGE-SECRET-KEY-1…)."
+            )
         try:
             out.append(X25519Identity.from_string(line, path))
         except ValueError:
@@ -757,7 +766,7 @@ def read_header(stream: RandomAccess) -> Header:
 
 
 class _Chunker:
-    """Encrypts/decrypts STREAM chunks for one (payload key, plain size)."""
+    """Encrypts STREAM chunks for one (payload key, plaintext size)."""
 
     __slots__ = ("aead", "plain_size", "n_chunks")
 
@@ -1076,7 +1085,9 @@ class AgePlaintext:
         for i in range(first, first + count):
             n = min(ENC_CHUNK_SIZE, len(ct) - p)
             try:
-                self._aead.decrypt_into(_chunk_nonce(i, i == last), mv_ct[p : p + n], None, mv_out[o : o + n - TAG_SIZE])
+                self._aead.decrypt_into(
+                    _chunk_nonce(i, i == last), mv_ct[p : p + n], None, mv_out[o : o + n - TAG_SIZE]
+                )
             except InvalidTag:
                 raise FormatError(
                     f"age payload chunk {i} fails authentication (damaged or altered data)",
@@ -1167,5 +1178,7 @@ def open_age_plaintext(
             f"{to} recipient(s)."
         )
     if not hmac.compare_digest(_header_mac(file_key, header.mac_input), header.mac):
-        raise FormatError("age header MAC does not verify (the header was altered)", path=name, offset=header.mac_offset)
+        raise FormatError(
+            "age header MAC does not verify (the header was altered)", path=name, offset=header.mac_offset
+        )
     return AgePlaintext(stream, header, file_key, name)
