@@ -285,8 +285,8 @@ def _write_tree_car(tree: dict, path: Path) -> bytes:
     root = add_dir(tree)
     with open(path, "wb") as out:
         writer = car.CarWriter(out, root.cid)
-        for cid, data in sections:
-            writer.add(cid, data)
+        for section in sections:
+            writer.add(section[0], section[1])
     return root.cid
 
 

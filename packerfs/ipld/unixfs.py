@@ -28,6 +28,15 @@ class Block(NamedTuple):
     data: bytes
 
 
+class FileNodeBlock(NamedTuple):
+    """An intermediate file node: `level` 1 links leaves; it links the last `children` items of that level."""
+
+    cid: bytes
+    data: bytes
+    level: int
+    children: int
+
+
 class Node(NamedTuple):
     """A finished file or subtree: its CID, cumulative DAG size and file size."""
 
@@ -60,13 +69,13 @@ class FileBuilder:
         self.levels: list[list[Node]] = [[]]
         self.leaf_count = 0
 
-    def add_leaf(self, leaf: Node) -> list[Block]:
+    def add_leaf(self, leaf: Node) -> list[FileNodeBlock]:
         self.leaf_count += 1
-        out: list[Block] = []
+        out: list[FileNodeBlock] = []
         self.levels[0].append(leaf)
         level = 0
         while len(self.levels[level]) == self.width:
-            node = self._reduce(self.levels[level], out)
+            node = self._reduce(self.levels[level], level + 1, out)
             self.levels[level] = []
             if level + 1 == len(self.levels):
                 self.levels.append([])
@@ -74,8 +83,8 @@ class FileBuilder:
             level += 1
         return out
 
-    def finish(self) -> tuple[list[Block], Node]:
-        out: list[Block] = []
+    def finish(self) -> tuple[list[FileNodeBlock], Node]:
+        out: list[FileNodeBlock] = []
         if self.leaf_count == 0:
             # An empty file is a single empty raw leaf, like the reference importer writes.
             return out, raw_leaf(b"")
@@ -90,20 +99,25 @@ class FileBuilder:
                 continue
             if not above and len(pending) == 1:
                 return out, pending[0]
-            node = self._reduce(pending, out)
+            node = self._reduce(pending, level + 1, out)
             self.levels[level] = []
             if level + 1 == len(self.levels):
                 self.levels.append([])
             self.levels[level + 1].append(node)
 
     @staticmethod
-    def _reduce(children: list[Node], out: list[Block]) -> Node:
-        filesize = sum(c.filesize for c in children)
-        data = UnixFSData(type=FILE, filesize=filesize, blocksizes=[c.filesize for c in children]).encode()
-        block = encode_node([PBLink(c.cid, b"", c.tsize) for c in children], data)
+    def _reduce(children: list[Node], level: int, out: list[FileNodeBlock]) -> Node:
+        block = file_node(children)
         cid = make_cid(DAG_PB, block)
-        out.append(Block(cid, block))
-        return Node(cid, len(block) + sum(c.tsize for c in children), filesize)
+        out.append(FileNodeBlock(cid, block, level, len(children)))
+        return Node(cid, len(block) + sum(c.tsize for c in children), sum(c.filesize for c in children))
+
+
+def file_node(children: list[Node]) -> bytes:
+    """The dag-pb bytes of a file node over `children` (leaves or nodes)."""
+    filesize = sum(c.filesize for c in children)
+    data = UnixFSData(type=FILE, filesize=filesize, blocksizes=[c.filesize for c in children]).encode()
+    return encode_node([PBLink(c.cid, b"", c.tsize) for c in children], data)
 
 
 def file_root_from_leaves(leaves: Iterable[Node]) -> tuple[list[Block], Node]:
