@@ -1,1 +1,5 @@
-"""index"""
+"""The LMDB index in the state directory."""
+
+from packerfs.index.store import Index, IndexMismatch
+
+__all__ = ["Index", "IndexMismatch"]

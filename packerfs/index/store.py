@@ -1,0 +1,238 @@
+"""LMDB schema and access.
+
+One environment in the state directory with these named databases (all keys
+big-endian so LMDB's byte order is numeric order):
+
+  meta      b"identity" -> what this state was built for (source, bin size,
+                            cipher, recipients); a mismatch is refused
+            b"scan"     -> progress: resume point, totals, state
+            b"dataset"  -> the data set's 16-byte id
+  files     u64 version -> file record (path, kind, fingerprint, sizes,
+                            stream params); versions only ever grow
+  paths     path_key(path) -> u64 version of the newest record for that path
+  digests   u64 version ‖ u32 chunk -> concatenated sha2-256 digests of the
+                            stream's leaves [chunk*1024, chunk*1024+1024)
+  bins      u32 bin     -> bin result (CAR size, root, piece CIDs, stale flag)
+  segments  u32 bin ‖ u64 end offset -> what produces that byte range of the
+                            CAR; set_range(bin ‖ offset+1) finds the segment
+                            holding `offset`
+
+Nothing here is usable key material (invariant 5): stream params hold
+secrets only wrapped under the dataset secret, which lives in its own 0600
+file beside the index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from typing import Iterator
+
+import dag_cbor
+import lmdb
+
+from packerfs.errors import PackerfsError, UsageError
+
+DIGESTS_PER_CHUNK = 1024
+DIGEST = 32
+FORMAT = 1
+# LMDB reserves address space, not disk: the map can be far larger than the data.
+MAP_SIZE = 1 << 40
+
+
+class IndexMismatch(UsageError):
+    pass
+
+
+def u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def u64(n: int) -> bytes:
+    return struct.pack(">Q", n)
+
+
+def path_key(path: bytes) -> bytes:
+    """LMDB keys are 1..511 bytes; POSIX paths may be empty (the root) or up to 4 KiB."""
+    if len(path) < 480:
+        return b"/" + path
+    return b"#" + hashlib.sha256(path).digest()
+
+
+def pack(value) -> bytes:
+    return dag_cbor.encode(value)
+
+
+def unpack(data: bytes):
+    return dag_cbor.decode(bytes(data))
+
+
+class Index:
+    def __init__(self, state_dir: str, *, readonly: bool = False):
+        self.state_dir = state_dir
+        path = os.path.join(state_dir, "index.lmdb")
+        if readonly and not os.path.exists(path):
+            raise PackerfsError(f"{state_dir}: no packerfs index here (run a scan first)")
+        os.makedirs(path, exist_ok=True)
+        try:
+            self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, readonly=readonly, lock=True, subdir=True)
+        except lmdb.Error as exc:
+            raise PackerfsError(f"{path}: cannot open the index: {exc}") from None
+        self.meta = self.env.open_db(b"meta")
+        self.files = self.env.open_db(b"files")
+        self.paths = self.env.open_db(b"paths")
+        self.digests = self.env.open_db(b"digests")
+        self.bins = self.env.open_db(b"bins")
+        self.segments = self.env.open_db(b"segments")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ------------------------------------------------------------------ meta
+
+    def get_meta(self, key: bytes, default=None):
+        with self.env.begin() as txn:
+            raw = txn.get(key, db=self.meta)
+        return default if raw is None else unpack(raw)
+
+    def bind(self, identity: dict) -> None:
+        """Tie this state to one source and set of options, or check that it already is."""
+        stored = self.get_meta(b"identity")
+        if stored is None:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"identity", pack(identity), db=self.meta)
+                txn.put(b"format", pack(FORMAT), db=self.meta)
+                txn.put(b"dataset", pack(os.urandom(16)), db=self.meta)
+            return
+        for key in sorted(set(identity) | set(stored)):
+            if identity.get(key) != stored.get(key):
+                raise IndexMismatch(
+                    f"state directory {self.state_dir} was made for a different {key} "
+                    f"({stored.get(key)!r}, now {identity.get(key)!r}); use another -t/--temp "
+                    f"directory, or the original options"
+                )
+
+    @property
+    def dataset(self) -> bytes:
+        return self.get_meta(b"dataset")
+
+    # ------------------------------------------------------------------ reads
+
+    def file(self, version: int) -> dict:
+        with self.env.begin() as txn:
+            raw = txn.get(u64(version), db=self.files)
+        if raw is None:
+            raise PackerfsError(f"index has no file version {version}")
+        return unpack(raw)
+
+    def latest_version(self, path: bytes) -> int | None:
+        with self.env.begin() as txn:
+            raw = txn.get(path_key(path), db=self.paths)
+        return None if raw is None else struct.unpack(">Q", raw)[0]
+
+    def digests_of(self, version: int, first: int, count: int) -> bytes:
+        """Digests of leaves [first, first+count) of a file version's stream."""
+        out = bytearray()
+        with self.env.begin() as txn:
+            index = first
+            end = first + count
+            while index < end:
+                chunk, within = divmod(index, DIGESTS_PER_CHUNK)
+                raw = txn.get(u64(version) + u32(chunk), db=self.digests)
+                if raw is None:
+                    raise PackerfsError(f"index lacks leaf digests of file version {version}, chunk {chunk}")
+                take = min(end - index, DIGESTS_PER_CHUNK - within)
+                out += raw[within * DIGEST : (within + take) * DIGEST]
+                index += take
+        return bytes(out)
+
+    def bin(self, number: int) -> dict | None:
+        with self.env.begin() as txn:
+            raw = txn.get(u32(number), db=self.bins)
+        return None if raw is None else unpack(raw)
+
+    def all_bins(self) -> list[dict]:
+        with self.env.begin() as txn:
+            return [unpack(v) for _, v in txn.cursor(db=self.bins)]
+
+    def segment_at(self, number: int, offset: int) -> tuple[int, int, list]:
+        """(start, end, record) of the segment of bin `number` holding byte `offset`."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.segments)
+            if not cursor.set_range(u32(number) + u64(offset + 1)):
+                raise PackerfsError(f"bin {number}: offset {offset} is past the end")
+            key, value = cursor.item()
+            if key[:4] != u32(number):
+                raise PackerfsError(f"bin {number}: offset {offset} is past the end")
+            record = unpack(value)
+            return record[0], struct.unpack(">Q", key[4:])[0], record[1:]
+
+    def segments_of(self, number: int) -> Iterator[tuple[int, int, list]]:
+        """All segments of a bin in order, fetched in batches so no transaction spans the caller's work."""
+        after = u32(number)
+        while True:
+            batch = []
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self.segments)
+                found = cursor.set_range(after)
+                while found and len(batch) < 256:
+                    key, value = cursor.item()
+                    if key[:4] != u32(number):
+                        break
+                    batch.append((bytes(key), bytes(value)))
+                    found = cursor.next()
+            if not batch:
+                return
+            for key, value in batch:
+                record = unpack(value)
+                yield record[0], struct.unpack(">Q", key[4:])[0], record[1:]
+            last = batch[-1][0]
+            after = last[:4] + u64(struct.unpack(">Q", last[4:])[0] + 1)
+
+    def latest_versions(self) -> list[int]:
+        """The newest version of every path ever scanned."""
+        with self.env.begin() as txn:
+            return [struct.unpack(">Q", v)[0] for _, v in txn.cursor(db=self.paths)]
+
+    # ------------------------------------------------------------------ writes
+
+    def clear_segments(self, number: int) -> None:
+        """Drop whatever an interrupted scan left of an unsealed bin's byte map."""
+        prefix = u32(number)
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self.segments)
+            if cursor.set_range(prefix):
+                while cursor.key()[:4] == prefix:
+                    if not cursor.delete():
+                        break
+
+    def mark_stale(self, numbers: list[int]) -> None:
+        with self.env.begin(write=True) as txn:
+            for number in numbers:
+                raw = txn.get(u32(number), db=self.bins)
+                if raw is not None:
+                    record = unpack(raw)
+                    record["stale"] = True
+                    txn.put(u32(number), pack(record), db=self.bins)
+
+    def commit(self, *, files=(), paths=(), digests=(), bins=(), segments=(), meta=()) -> None:
+        """Write one consistent step (a sealed bin and everything it needs) atomically."""
+        with self.env.begin(write=True) as txn:
+            for version, record in files:
+                txn.put(u64(version), pack(record), db=self.files)
+            for path, version in paths:
+                txn.put(path_key(path), u64(version), db=self.paths)
+            for (version, chunk), data in digests:
+                txn.put(u64(version) + u32(chunk), data, db=self.digests)
+            for number, record in bins:
+                txn.put(u32(number), pack(record), db=self.bins)
+            for number, end, record in segments:
+                txn.put(u32(number) + u64(end), pack(record), db=self.segments)
+            for key, value in meta:
+                txn.put(key, pack(value), db=self.meta)
+
+    def disk_usage(self) -> int:
+        info = self.env.info()
+        stat = self.env.stat()
+        return info["last_pgno"] * stat["psize"]

@@ -1,0 +1,150 @@
+"""The per-bin manifest: DAG-CBOR, stored in each bin as the UnixFS file
+`.packerfs/manifest.cbor`, so the set of CARs describes itself.
+
+Top level (a DAG-CBOR map, keys in canonical order):
+    packerfs    1 (format version)
+    dataset     16 random bytes naming the data set (all bins of one pack share it)
+    bin         this bin's number (1, 2, …)
+    cipher      "plain" | "age" | "openpgp"
+    recipients  [fingerprint, …] of whoever can decrypt
+    entries     [entry, …] in scan order
+
+An entry (a map) describes one directory, symlink or file part in this bin:
+    path      source-relative path (bytes; b"" is the root)
+    kind      "dir" | "symlink" | "file"
+    mode      permission bits
+    mtime_ns  modification time, nanoseconds since the epoch
+  files only:
+    name      the part's path inside this bin's UnixFS tree (bytes)
+    version   the file version's number in the data set (newer versions are larger)
+    size      plaintext size of the whole file
+    stream    stored (encrypted) stream size of the whole file
+    part      1-based part number, and `parts` the number of parts
+    offset    where this part starts in the stream, and `length` its stream bytes
+    cid       the part's UnixFS root CID
+  symlinks only:
+    target    the link target (bytes), and `cid` its UnixFS node
+
+Paths are bytes because POSIX names need not be UTF-8.
+The encoder streams: entries are encoded one by one as they are placed and
+spliced under the top-level map at the end, so a bin with many files never
+holds them as Python objects.
+"""
+
+from __future__ import annotations
+
+import dag_cbor
+from multiformats import CID
+
+from packerfs.ipld.cid import read_cid
+
+FORMAT = 1
+NAME = b"manifest.cbor"
+DIRNAME = b".packerfs"
+KINDS = ("dir", "symlink", "file")
+
+
+def _head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes([major << 5 | n])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
+    raise ValueError("CBOR length too large")
+
+
+def encode_entry(entry: dict) -> bytes:
+    value = dict(entry)
+    if "cid" in value:
+        value["cid"] = CID.decode(value["cid"])
+    return dag_cbor.encode(value)
+
+
+def encode_manifest(dataset: bytes, bin_number: int, cipher: str, recipients: list[str], entries: bytes, count: int) -> bytes:
+    """Splice pre-encoded entries (concatenated) under the top-level map."""
+    fields = {
+        "packerfs": dag_cbor.encode(FORMAT),
+        "dataset": dag_cbor.encode(dataset),
+        "bin": dag_cbor.encode(bin_number),
+        "cipher": dag_cbor.encode(cipher),
+        "recipients": dag_cbor.encode(list(recipients)),
+        "entries": _head(4, count) + bytes(entries),
+    }
+    # DAG-CBOR map keys: shorter first, then bytewise.
+    order = sorted(fields, key=lambda k: (len(k.encode()), k.encode()))
+    return _head(5, len(fields)) + b"".join(dag_cbor.encode(k) + fields[k] for k in order)
+
+
+def manifest_fixed_bound(recipients: list[str], cipher: str) -> int:
+    return len(encode_manifest(bytes(16), 2**32, cipher, recipients, b"", 2**32))
+
+
+_MAX_INT = 2**63 - 1
+_FAKE_CID = b"\x01\x70\x12\x20" + bytes(32)
+
+
+def entry_bound(kind: str, path: bytes, name: bytes = b"", target: bytes = b"") -> int:
+    """Bytes an entry can take at most, whatever its numbers and CID turn out to be."""
+    entry = {"path": path, "kind": kind, "mode": _MAX_INT, "mtime_ns": -_MAX_INT}
+    if kind == "file":
+        entry.update(
+            name=name, version=_MAX_INT, size=_MAX_INT, stream=_MAX_INT, part=_MAX_INT,
+            parts=_MAX_INT, offset=_MAX_INT, length=_MAX_INT, cid=_FAKE_CID,
+        )
+    elif kind == "symlink":
+        entry.update(target=target, cid=_FAKE_CID)
+    return len(encode_entry(entry))
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def decode_manifest(data: bytes) -> dict:
+    """Parse and validate a manifest. Raises ManifestError with what is wrong."""
+    try:
+        top = dag_cbor.decode(data)
+    except Exception as exc:
+        raise ManifestError(f"manifest is not DAG-CBOR ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if not isinstance(top, dict) or top.get("packerfs") != FORMAT:
+        raise ManifestError("not a packerfs manifest (format version missing or unknown)")
+    for key, kind in (("dataset", bytes), ("bin", int), ("cipher", str), ("recipients", list), ("entries", list)):
+        if not isinstance(top.get(key), kind):
+            raise ManifestError(f"manifest field {key!r} is missing or has the wrong type")
+    entries = []
+    for i, raw in enumerate(top["entries"]):
+        entries.append(_check_entry(raw, i))
+    top["entries"] = entries
+    return top
+
+
+def _check_entry(raw, i: int) -> dict:
+    def bad(what):
+        return ManifestError(f"manifest entry {i}: {what}")
+
+    if not isinstance(raw, dict):
+        raise bad("not a map")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise bad(f"unknown kind {kind!r}")
+    required = {"path": bytes, "mode": int, "mtime_ns": int}
+    if kind == "file":
+        required.update(name=bytes, version=int, size=int, stream=int, part=int, parts=int, offset=int, length=int)
+    if kind == "symlink":
+        required.update(target=bytes)
+    for key, typ in required.items():
+        if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool):
+            raise bad(f"field {key!r} is missing or has the wrong type")
+    entry = dict(raw)
+    if kind in ("file", "symlink"):
+        cid = raw.get("cid")
+        if not isinstance(cid, CID):
+            raise bad("field 'cid' is missing or not a CID")
+        entry["cid"] = bytes(cid)
+        read_cid(entry["cid"])
+    if kind == "file":
+        if not (1 <= entry["part"] <= entry["parts"]):
+            raise bad("part number out of range")
+        if entry["offset"] < 0 or entry["length"] < 0 or entry["offset"] + entry["length"] > entry["stream"]:
+            raise bad("part lies outside its stream")
+    return entry

@@ -1,0 +1,499 @@
+"""The scan: one read of the source produces everything a bin needs.
+
+For every file it reads the plaintext once, encrypts it, cuts the stream into
+1 MiB leaves, hashes them, builds the UnixFS DAG, lays the bytes out in the
+current bin and feeds them to that bin's commP. When a bin is full it is
+sealed: directories, manifest and root are appended, the header is fixed up,
+and the bin's results, byte map, leaf digests and file records are committed to
+the index in one transaction. Nothing but the index is written.
+
+A scan against a state directory that already holds sealed bins skips every
+entry whose fingerprint matches its sealed record: that is how an interrupted
+scan resumes (work since the last seal is redone, identically) and how a
+rescan leaves sealed bins untouched while new and changed data goes into new
+bins. Bins holding data that changed or vanished are flagged stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from packerfs import manifest
+from packerfs.crypt.base import Cipher
+from packerfs.errors import PackerfsError, SourceChanged, UsageError
+from packerfs.index.store import DIGEST, DIGESTS_PER_CHUNK, Index
+from packerfs.ipld.cid import RAW, cid_from_digest
+from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
+from packerfs.plan import costs
+from packerfs.plan.layout import BinLayout
+from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem, walk
+
+log = logging.getLogger("packerfs.scan")
+
+# ".part" + two numbers of up to 12 digits + "of"
+PART_SUFFIX_MAX = 5 + 12 + 2 + 12
+# Flush finished segments to the index every this many, so memory stays flat.
+SEGMENT_FLUSH = 4096
+
+
+def part_suffix(part: int, parts: int) -> bytes:
+    """`.part0002of0013`: sortable, zero-padded to at least four digits."""
+    if parts == 1:
+        return b""
+    width = max(4, len(str(parts)))
+    return b".part%0*dof%0*d" % (width, part, width, parts)
+
+
+@dataclass
+class ScanReport:
+    bins_sealed: list[int] = field(default_factory=list)
+    files_placed: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+    skipped: int = 0
+    stale_paths: list[bytes] = field(default_factory=list)
+    stale_bins: list[int] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+class Scan:
+    def __init__(
+        self,
+        source: str,
+        index: Index,
+        cipher: Cipher,
+        secret: bytes,
+        bin_size: int,
+        *,
+        skip_unreadable: bool = False,
+        advance: Callable[[int], None] | None = None,
+        on_seal: Callable[[dict], None] | None = None,
+    ):
+        self.source = os.fsencode(os.path.abspath(source))
+        self.index = index
+        self.cipher = cipher
+        self.secret = secret
+        self.bin_size = bin_size
+        self.skip_unreadable = skip_unreadable
+        self.advance = advance or (lambda n: None)
+        self.on_seal = on_seal or (lambda result: None)
+        self.dataset = index.dataset
+        self.recipients = list(cipher.recipients)
+        self.layout: BinLayout | None = None
+        self.ancestors: list[Entry] = []  # directories above the entry being handled (root first)
+        self.pending_files: dict[int, dict] = {}  # version -> record, committed at the next seal
+        self.pending_paths: dict[bytes, int] = {}
+        self.pending_digests: list = []
+        self.report = ScanReport()
+        self.stale_bins: set[int] = set()
+        scan_state = index.get_meta(b"scan", {}) or {}
+        self.next_version = scan_state.get("next_version", 1)
+        self.next_bin = scan_state.get("next_bin", 1)
+
+    # ================================================================ driver
+
+    def run(self) -> ScanReport:
+        problems: list[ScanProblem] = []
+        total = 0
+        for entry in walk(self.source, problems):
+            if entry.path == b"" or entry.kind != FILE:
+                continue
+            total += entry.size
+        fatal = [p for p in problems if p.fatal]
+        if fatal and not self.skip_unreadable:
+            listing = "; ".join(f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in fatal)
+            raise PackerfsError(
+                f"{len(fatal)} source entr{'y' if len(fatal) == 1 else 'ies'} cannot be read ({listing}); "
+                f"fix the permissions or pass --skip-unreadable"
+            )
+        for p in problems:
+            log.warning("%s: %s", os.fsdecode(self.source + b"/" + p.path), p.reason)
+        self.report.problems = problems
+        self.report.bytes_total = total
+        self._save_state("scanning")
+
+        seen: set[bytes] = set()
+        for entry in walk(self.source, []):
+            if entry.path == manifest.DIRNAME:
+                raise UsageError(
+                    f"{os.fsdecode(self.source)}/.packerfs: this name is reserved for packerfs's own "
+                    f"metadata in each CAR; rename it"
+                )
+            while self.ancestors and not _is_ancestor(self.ancestors[-1].path, entry.path):
+                self.ancestors.pop()
+            seen.add(entry.path)
+            self._handle(entry)
+            if entry.kind == DIR:
+                self.ancestors.append(entry)
+        if self.layout is not None and not self.layout.is_empty:
+            self._seal()
+        self._flag_stale(seen)
+        self._save_state("ready")
+        return self.report
+
+    def _handle(self, entry: Entry) -> None:
+        version = self.index.latest_version(entry.path)
+        record = self.index.file(version) if version is not None else None
+        same = record is not None and tuple(record["fp"]) == tuple(entry.fingerprint)
+        if same and record["complete"]:
+            self.report.skipped += 1
+            return
+        if record is not None and not same and record["kind"] != DIR and record["bins"]:
+            # A new version supersedes one already in sealed bins: those bins no longer match the source.
+            self.stale_bins.update(record["bins"])
+            self.report.stale_paths.append(entry.path)
+        if entry.kind == DIR:
+            self._place_dir(entry)
+        elif entry.kind == SYMLINK:
+            self._place_symlink(entry)
+        else:
+            self._place_file(entry, record if same else None)
+
+    # ================================================================ bins
+
+    def _new_bin(self) -> None:
+        number = self.next_bin
+        self.next_bin += 1
+        self.layout = self._fresh_layout(number)
+        self.index.clear_segments(number)
+
+    def _fresh_layout(self, number: int) -> BinLayout:
+        layout = BinLayout(number, self.bin_size, self.dataset, self.cipher.name, self.recipients)
+        root = layout.open_frame(b"", b"")
+        layout.budget.add_link(root, len(manifest.DIRNAME))
+        return layout
+
+    def _chain(self) -> list[Entry]:
+        return self.ancestors
+
+    def _sync_frames(self, layout: BinLayout, chain: list[Entry]) -> None:
+        """Make the layout's open directories exactly `chain` (root first), closing and opening frames."""
+        keep = 0
+        frames = layout.frames
+        # frames[0] is the root, matched by chain[0] (the root entry, path b"")
+        while keep + 1 < len(frames) and keep + 1 < len(chain) and frames[keep + 1].path == chain[keep + 1].path:
+            keep += 1
+        while len(frames) > keep + 1:
+            layout.close_frame()
+        if len(frames) == 1 and not _has_dir_entry(layout, b""):
+            self._add_dir_entry(layout, chain[0])
+        for dir_entry in chain[keep + 1 :]:
+            layout.open_frame(dir_entry.path, dir_entry.name)
+            self._add_dir_entry(layout, dir_entry)
+
+    def _add_dir_entry(self, layout: BinLayout, dir_entry: Entry) -> None:
+        entry = _manifest_base(dir_entry)
+        layout.add_manifest_entry(entry, manifest.entry_bound("dir", dir_entry.path))
+        layout.opened_dirs.add(dir_entry.path)
+
+    def _ensure_room(self, cost_of: Callable[[BinLayout], int], what: bytes) -> None:
+        """Open the chain for the next entry in the current bin, or in a new one if it does not fit."""
+        if self.layout is None:
+            self._new_bin()
+        self._sync_frames(self.layout, self._chain())
+        if cost_of(self.layout) <= self.layout.budget.available():
+            return
+        if not self.layout.is_empty:
+            self._seal()
+            self._new_bin()
+            self._sync_frames(self.layout, self._chain())
+            if cost_of(self.layout) <= self.layout.budget.available():
+                return
+        raise UsageError(
+            f"bin size {self.bin_size} is too small to hold {os.fsdecode(what) or '.'} with its CAR overhead; "
+            f"use a larger --bin-size"
+        )
+
+    def _seal(self) -> None:
+        layout = self.layout
+        result = layout.seal()
+        result["versions"] = sorted(layout.versions)
+        segments = layout.take_segments()
+        files = list(self.pending_files.items())
+        for version, record in files:
+            if layout.number not in record["bins"] and version in layout.versions:
+                record["bins"].append(layout.number)
+        self.index.commit(
+            files=files,
+            paths=list(self.pending_paths.items()),
+            digests=self.pending_digests,
+            bins=[(layout.number, result)],
+            segments=[(layout.number, end, record) for end, record in segments],
+            meta=[(b"scan", self._state("scanning"))],
+        )
+        self.pending_files = {v: r for v, r in files if not r["complete"]}
+        self.pending_paths = {}
+        self.pending_digests = []
+        self.report.bins_sealed.append(layout.number)
+        self.layout = None
+        log.info(
+            "sealed bin %d: %d bytes (%.2f%% of %d), piece %s",
+            layout.number, result["car_size"], 100 * result["car_size"] / self.bin_size, self.bin_size,
+            result["piece_cid"],
+        )
+        self.on_seal(result)
+
+    def _flush_segments(self) -> None:
+        if self.layout is not None:
+            segments = self.layout.take_segments()
+            if segments:
+                self.index.commit(segments=[(self.layout.number, end, record) for end, record in segments])
+
+    # ================================================================ entries
+
+    def _new_record(self, entry: Entry) -> tuple[int, dict]:
+        version = self.next_version
+        self.next_version += 1
+        record = {
+            "path": entry.path,
+            "kind": entry.kind,
+            "mode": entry.mode,
+            "mtime_ns": entry.mtime_ns,
+            "size": entry.size,
+            "fp": list(entry.fingerprint),
+            "target": entry.target,
+            "bins": [],
+            "complete": True,
+        }
+        return version, record
+
+    def _place_dir(self, entry: Entry) -> None:
+        if entry.path == b"":
+            if self.layout is None:
+                self._new_bin()
+            self._sync_frames(self.layout, [entry])
+        else:
+            bound = manifest.entry_bound("dir", entry.path)
+
+            def cost(layout: BinLayout) -> int:
+                return layout.budget.entry_cost(len(entry.name), bound, costs.DIR_NODE_FIXED)
+
+            self._ensure_room(cost, entry.path)
+            self.layout.open_frame(entry.path, entry.name)
+            self._add_dir_entry(self.layout, entry)
+        version, record = self._new_record(entry)
+        record["bins"].append(self.layout.number)
+        self.pending_files[version] = record
+        self.pending_paths[entry.path] = version
+
+    def _place_symlink(self, entry: Entry) -> None:
+        block = symlink_block(entry.target)
+        bound = manifest.entry_bound("symlink", entry.path, target=entry.target)
+
+        def cost(layout: BinLayout) -> int:
+            return layout.budget.entry_cost(len(entry.name), bound, costs.section_length(len(block.data)))
+
+        self._ensure_room(cost, entry.path)
+        layout = self.layout
+        layout.emit_stored(block.cid, block.data)
+        layout.add_entry(entry.name, block.cid, len(block.data))
+        meta = _manifest_base(entry)
+        meta.update(target=entry.target, cid=block.cid)
+        layout.add_manifest_entry(meta, bound)
+        version, record = self._new_record(entry)
+        record["bins"].append(layout.number)
+        self.pending_files[version] = record
+        self.pending_paths[entry.path] = version
+
+    # ---------------------------------------------------------------- files
+
+    def _name_bounds(self, entry: Entry) -> tuple[int, int]:
+        name_bound = len(entry.name) + len(self.cipher.suffix) + PART_SUFFIX_MAX
+        parent = entry.path[: -len(entry.name)]
+        bound = manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound))
+        return name_bound, bound
+
+    def _plan(self, entry: Entry, stream_size: int) -> tuple[bool, list[int]]:
+        """(seal the current bin first?, leaves per part): a pure function of sizes and budgets."""
+        name_bound, bound = self._name_bounds(entry)
+        fresh = self._fresh_layout(0)
+        self._sync_frames(fresh, self._chain())
+        per_bin = fresh.budget.max_leaves(name_bound, bound, stream_size)
+        if per_bin == 0:
+            raise UsageError(
+                f"bin size {self.bin_size} is too small to hold one 1 MiB leaf of "
+                f"{os.fsdecode(entry.path)} with its CAR overhead; use a larger --bin-size"
+            )
+        seal_first = False
+        first = per_bin
+        if self.layout is not None:
+            self._sync_frames(self.layout, self._chain())
+            first = self.layout.budget.max_leaves(name_bound, bound, stream_size)
+            if first == 0:
+                seal_first, first = True, per_bin
+        parts = []
+        left = costs.leaf_count(stream_size)
+        take = first
+        while left:
+            parts.append(min(take, left))
+            left -= parts[-1]
+            take = per_bin
+        return seal_first, parts
+
+    def _place_file(self, entry: Entry, resume: dict | None) -> None:
+        if resume is not None and resume.get("leaves_sealed"):
+            raise PackerfsError(
+                f"{os.fsdecode(entry.path)}: resuming inside a split file is not supported yet; "
+                f"remove the state directory to start over"
+            )
+        stream_size = self.cipher.stream_size(entry.size)
+        seal_first, parts = self._plan(entry, stream_size)
+        if self.layout is None:
+            self._new_bin()
+        elif seal_first:
+            self._seal()
+            self._new_bin()
+        self._sync_frames(self.layout, self._chain())
+
+        version, record = self._new_record(entry)
+        record.update(stream_size=stream_size, parts=parts, complete=False, leaves_sealed=0)
+        self.pending_files[version] = record
+        self.pending_paths[entry.path] = version
+        encryptor = self.cipher.new_file(entry.size, self.secret)
+        full_path = self.source + b"/" + entry.path
+        name_bound, bound = self._name_bounds(entry)
+
+        part = 0
+        part_leaf_start = 0
+        builder = FileBuilder()
+        leaf_index = 0
+        digests = bytearray()
+        pending = bytearray()
+
+        def emit(leaf: bytes) -> None:
+            nonlocal leaf_index, part, part_leaf_start, builder, digests
+            digest = hashlib.sha256(leaf).digest()
+            digests += digest
+            cid = cid_from_digest(RAW, digest)
+            layout = self.layout
+            layout.emit_leaf(version, leaf_index, cid, leaf)
+            leaf_index += 1
+            for block in builder.add_leaf(Node(cid, len(leaf), len(leaf))):
+                layout.emit_file_node(block, version, leaf_index)
+            if len(digests) == DIGEST * DIGESTS_PER_CHUNK:
+                self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
+                digests = bytearray()
+            if len(layout.segments) >= SEGMENT_FLUSH:
+                self._flush_segments()
+            if leaf_index - part_leaf_start == parts[part]:
+                finish_part()
+
+        def finish_part() -> None:
+            nonlocal part, part_leaf_start, builder
+            layout = self.layout
+            tail, root = builder.finish()
+            for block in tail:
+                layout.emit_file_node(block, version, leaf_index)
+            name = entry.name + self.cipher.suffix.encode() + part_suffix(part + 1, len(parts))
+            layout.add_entry(name, root.cid, root.tsize)
+            parent = entry.path[: -len(entry.name)]
+            meta = _manifest_base(entry)
+            start = part_leaf_start * CHUNK_SIZE
+            meta.update(
+                name=parent + name,
+                version=version,
+                size=entry.size,
+                stream=stream_size,
+                part=part + 1,
+                parts=len(parts),
+                offset=start,
+                length=min(stream_size, leaf_index * CHUNK_SIZE) - start,
+                cid=root.cid,
+            )
+            layout.add_manifest_entry(meta, bound)
+            part += 1
+            part_leaf_start = leaf_index
+            builder = FileBuilder()
+            if part < len(parts):
+                record["leaves_sealed"] = leaf_index
+                if digests:
+                    self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
+                self._seal()
+                self._new_bin()
+                self._sync_frames(self.layout, self._chain())
+
+        try:
+            fd = os.open(full_path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = os.open(full_path, os.O_RDONLY)
+        except OSError as exc:
+            raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
+        try:
+            remaining = entry.size
+            while remaining:
+                data = os.read(fd, min(CHUNK_SIZE, remaining))
+                if not data:
+                    raise SourceChanged(
+                        f"{os.fsdecode(full_path)}: file shrank while being read "
+                        f"(offset {entry.size - remaining} of {entry.size}); run the scan again to resume"
+                    )
+                remaining -= len(data)
+                self.report.bytes_read += len(data)
+                self.advance(len(data))
+                pending += encryptor.update(data)
+                while len(pending) >= CHUNK_SIZE:
+                    emit(bytes(pending[:CHUNK_SIZE]))
+                    del pending[:CHUNK_SIZE]
+            pending += encryptor.finish()
+            now = os.fstat(fd)
+            if (now.st_size, now.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                raise SourceChanged(
+                    f"{os.fsdecode(full_path)}: file changed while being read; run the scan again to resume"
+                )
+        finally:
+            os.close(fd)
+        while len(pending) >= CHUNK_SIZE:
+            emit(bytes(pending[:CHUNK_SIZE]))
+            del pending[:CHUNK_SIZE]
+        if pending or leaf_index == 0:
+            emit(bytes(pending))
+        if digests:
+            self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
+        record["params"] = encryptor.params()
+        record["complete"] = True
+        record["leaves"] = leaf_index
+        if leaf_index != costs.leaf_count(stream_size):
+            raise AssertionError(f"{entry.path!r}: {leaf_index} leaves, expected {costs.leaf_count(stream_size)}")
+        self.report.files_placed += 1
+
+    # ================================================================ state
+
+    def _state(self, state: str) -> dict:
+        return {
+            "state": state,
+            "next_version": self.next_version,
+            "next_bin": self.next_bin,
+            "bytes_total": self.report.bytes_total,
+        }
+
+    def _save_state(self, state: str) -> None:
+        self.index.commit(meta=[(b"scan", self._state(state))])
+
+    def _flag_stale(self, seen: set[bytes]) -> None:
+        """Bins holding files or symlinks that vanished from the source, or were superseded, are stale."""
+        for version in self.index.latest_versions():
+            record = self.index.file(version)
+            if record["path"] in seen:
+                continue
+            if record["kind"] != DIR and record["bins"]:
+                self.report.stale_paths.append(record["path"])
+                self.stale_bins.update(record["bins"])
+        if self.stale_bins:
+            self.index.mark_stale(sorted(self.stale_bins))
+        self.report.stale_bins = sorted(self.stale_bins)
+
+
+def _is_ancestor(dir_path: bytes, path: bytes) -> bool:
+    return dir_path == b"" or path.startswith(dir_path + b"/")
+
+
+def _has_dir_entry(layout: BinLayout, path: bytes) -> bool:
+    return path in layout.opened_dirs
+
+
+def _manifest_base(entry: Entry) -> dict:
+    return {"path": entry.path, "kind": entry.kind, "mode": entry.mode, "mtime_ns": entry.mtime_ns}

@@ -1,0 +1,81 @@
+"""The batch `pack` writer and the manifest files deal tools read.
+
+CARs are written through BinReader (the same bytes the mount serves) to a
+temporary name, synced, checked for length, then renamed: a CAR that exists
+under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Callable
+
+from packerfs.errors import PackerfsError
+from packerfs.pack.reader import BinReader
+
+CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "stale"]
+
+
+def car_name(number: int) -> str:
+    return f"bin-{number:06d}.car"
+
+
+def write_car(reader: BinReader, number: int, out_dir: str, advance: Callable[[int], None] = lambda n: None) -> str:
+    final = os.path.join(out_dir, car_name(number))
+    expected = reader.size(number)
+    if os.path.exists(final) and os.path.getsize(final) == expected:
+        return final  # written by an earlier run; `verify` re-checks content
+    temp = final + ".partial"
+    with open(temp, "wb") as out:
+        for piece in reader.iter_bin(number):
+            out.write(piece)
+            advance(len(piece))
+        out.flush()
+        os.fsync(out.fileno())
+        written = out.tell()
+    if written != expected:
+        os.unlink(temp)
+        raise PackerfsError(f"{temp}: wrote {written} bytes, expected {expected}; nothing was renamed")
+    os.replace(temp, final)
+    return final
+
+
+def manifest_rows(bins: list[dict]) -> list[dict]:
+    return [
+        {
+            "car_file": car_name(b["bin"]),
+            "piece_cid": b["piece_cid"],
+            "piece_size": b["piece_size"],
+            "payload_cid": b["root_cid"],
+            "car_size": b["car_size"],
+            "piece_cid_v2": b["piece_cid_v2"],
+            "stale": "true" if b.get("stale") else "false",
+        }
+        for b in sorted(bins, key=lambda b: b["bin"])
+    ]
+
+
+def manifest_csv(bins: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in manifest_rows(bins):
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def manifest_json(bins: list[dict]) -> str:
+    return json.dumps({"cars": manifest_rows(bins)}, indent=1) + "\n"
+
+
+def write_manifests(bins: list[dict], out_dir: str) -> None:
+    for name, text in (("manifest.csv", manifest_csv(bins)), ("manifest.json", manifest_json(bins))):
+        path = os.path.join(out_dir, name)
+        with open(path + ".partial", "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(path + ".partial", path)

@@ -1,0 +1,249 @@
+"""One bin under construction: its byte budget, and the CAR it lays out.
+
+Budget keeps upper bounds (see costs.py) so the planner can decide, before a
+file is read, how many leaves of it still fit. BinLayout emits the bin's CAR
+byte stream into the commP hasher as the scan produces it, and records the
+segments that let BinReader regenerate any byte range later:
+
+  ["R", bytes]                         literal bytes (the CAR header)
+  ["S", section]                       a stored section (prefix + block); the
+                                       block is checked against its CID on read
+  ["L", version, first_leaf, count]    consecutive raw-leaf sections of a
+                                       file version's stream
+  ["N", version, first_leaf, count, cid]  a level-1 file node over those
+                                       leaves, regenerated from their digests
+
+Blocks are emitted in post-order (children before parents), the root
+directory last, so the writer never buffers and the header, which names the
+root, is fixed up at the end by recomputing commP's leftmost path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from packerfs import manifest
+from packerfs.ipld import car
+from packerfs.ipld.unixfs import CHUNK_SIZE, Entry, FileBuilder, FileNodeBlock, directory_blocks, raw_leaf
+from packerfs.ipld.cid import cid_to_str
+from packerfs.piece import CommP
+from packerfs.plan import costs
+
+ROOT_CID_LEN = 36
+HEADER_LEN = len(car.placeholder_header(ROOT_CID_LEN))
+MAX_RUN = 1024  # leaves per "L" segment: one level-1 node's worth
+
+
+@dataclass
+class Frame:
+    """A directory open in this bin: its entries so far and their bound."""
+
+    path: bytes
+    name: bytes
+    entries: list[Entry] = field(default_factory=list)
+    links_bytes: int = 0
+    count: int = 0
+
+    def bound(self) -> int:
+        return costs.directory_bound(self.links_bytes, self.count)
+
+
+class Budget:
+    """Upper bound of a bin's final size, kept as things are added."""
+
+    def __init__(self, capacity: int, manifest_fixed: int):
+        self.capacity = capacity
+        self.emitted = HEADER_LEN  # exact bytes already laid out
+        self.manifest_bytes = manifest_fixed  # bound on the manifest's encoding
+        self.frames: list[Frame] = []
+
+    def manifest_overhead(self, manifest_bytes: int | None = None) -> int:
+        m = self.manifest_bytes if manifest_bytes is None else manifest_bytes
+        return costs.file_bound(m) + costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest.NAME)
+
+    def total(self) -> int:
+        return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead()
+
+    def available(self) -> int:
+        return self.capacity - self.total()
+
+    def entry_cost(self, link_name_bound: int, manifest_entry: int, content: int) -> int:
+        """Bytes that adding one entry (a link in the top frame) would add to the bound."""
+        top = self.frames[-1]
+        link = costs.LINK_FIXED + link_name_bound
+        dir_delta = costs.directory_bound(top.links_bytes + link, top.count + 1) - top.bound()
+        manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_entry) - self.manifest_overhead()
+        return dir_delta + manifest_delta + content
+
+    def add_link(self, frame: Frame, link_name_bound: int) -> None:
+        frame.links_bytes += costs.LINK_FIXED + link_name_bound
+        frame.count += 1
+
+    def max_leaves(self, link_name_bound: int, manifest_entry: int, stream_left: int) -> int:
+        """Most leaves of a part (of at most `stream_left` stream bytes) that still fit."""
+        lo, hi = 0, costs.leaf_count(stream_left)
+
+        def fits(leaves: int) -> bool:
+            part = min(leaves * CHUNK_SIZE, stream_left)
+            return self.entry_cost(link_name_bound, manifest_entry, costs.file_bound(part)) <= self.available()
+
+        if stream_left == 0:
+            return 1 if fits(1) else 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class BinLayout:
+    """Lays out one bin's CAR bytes as the scan produces them."""
+
+    def __init__(self, number: int, capacity: int, dataset: bytes, cipher_name: str, recipients: list[str]):
+        self.number = number
+        self.dataset = dataset
+        self.cipher_name = cipher_name
+        self.recipients = recipients
+        self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
+        self.commp = CommP()
+        self.commp.write(car.placeholder_header(ROOT_CID_LEN))
+        self.offset = HEADER_LEN
+        self.segments: list[tuple[int, list]] = []  # (end, [start, kind, ...]) not yet handed out
+        self.run: list | None = None  # [start, "L", version, first_leaf, count]
+        self.manifest_entries = bytearray()
+        self.manifest_count = 0
+        self.versions: set[int] = set()
+        self.opened_dirs: set[bytes] = set()  # directories with a manifest entry in this bin
+        self.is_empty = True
+
+    @property
+    def frames(self) -> list[Frame]:
+        return self.budget.frames
+
+    # ------------------------------------------------------------ emitting
+
+    def _write(self, data: bytes) -> None:
+        self.commp.write(data)
+        self.offset += len(data)
+        self.budget.emitted = self.offset
+
+    def _close_run(self) -> None:
+        if self.run is not None:
+            self.segments.append((self.offset, self.run))
+            self.run = None
+
+    def emit_stored(self, cid: bytes, block: bytes) -> None:
+        self._close_run()
+        start = self.offset
+        section = car.section_prefix(cid, len(block)) + block
+        self._write(section)
+        self.segments.append((self.offset, [start, "S", section]))
+
+    def emit_leaf(self, version: int, leaf_index: int, cid: bytes, data: bytes | memoryview) -> None:
+        run = self.run
+        if run is None or run[2] != version or run[3] + run[4] != leaf_index or run[4] == MAX_RUN:
+            self._close_run()
+            run = self.run = [self.offset, "L", version, leaf_index, 0]
+        self._write(car.section_prefix(cid, len(data)))
+        self._write(data)
+        run[4] += 1
+        self.versions.add(version)
+        self.is_empty = False
+
+    def emit_file_node(self, block: FileNodeBlock, version: int, next_leaf: int) -> None:
+        """A level-1 node links the `children` leaves just before `next_leaf`: regenerate it, don't store it."""
+        if block.level != 1:
+            self.emit_stored(block.cid, block.data)
+            return
+        self._close_run()
+        start = self.offset
+        self._write(car.section_prefix(block.cid, len(block.data)))
+        self._write(block.data)
+        self.segments.append((self.offset, [start, "N", version, next_leaf - block.children, block.children, block.cid]))
+
+    def take_segments(self) -> list[tuple[int, list]]:
+        """Segments complete so far (the open leaf run stays until it closes)."""
+        out, self.segments = self.segments, []
+        return out
+
+    # ------------------------------------------------------------ directories
+
+    def open_frame(self, path: bytes, name: bytes) -> Frame:
+        if self.frames:
+            self.budget.add_link(self.frames[-1], len(name))
+        frame = Frame(path, name)
+        self.frames.append(frame)
+        return frame
+
+    def close_frame(self) -> None:
+        frame = self.frames.pop()
+        blocks, node = directory_blocks(frame.entries)
+        for block in blocks:
+            self.emit_stored(block.cid, block.data)
+        # its link was reserved in the parent when the frame opened
+        self.frames[-1].entries.append(Entry(frame.name, node.cid, node.tsize))
+
+    def add_entry(self, name: bytes, cid: bytes, tsize: int) -> None:
+        """Link a finished file part or symlink into the top frame."""
+        self.budget.add_link(self.frames[-1], len(name))
+        self.frames[-1].entries.append(Entry(name, cid, tsize))
+        self.is_empty = False
+
+    def add_manifest_entry(self, entry: dict, bound: int) -> None:
+        encoded = manifest.encode_entry(entry)
+        assert len(encoded) <= bound, "manifest entry exceeds its bound"
+        self.manifest_entries += encoded
+        self.manifest_count += 1
+        self.budget.manifest_bytes += bound
+
+    # ------------------------------------------------------------ sealing
+
+    def seal(self) -> dict:
+        """Finish the CAR: close directories, add the manifest and root, fix the header, finish commP."""
+        self._close_run()
+        while len(self.frames) > 1:
+            self.close_frame()
+        data = manifest.encode_manifest(
+            self.dataset, self.number, self.cipher_name, self.recipients, self.manifest_entries, self.manifest_count
+        )
+        builder = FileBuilder()
+        for offset in range(0, max(len(data), 1), CHUNK_SIZE):
+            piece = data[offset : offset + CHUNK_SIZE]
+            leaf = raw_leaf(piece)
+            self.emit_stored(leaf.cid, piece)
+            for block in builder.add_leaf(leaf):
+                self.emit_stored(block.cid, block.data)
+        tail, manifest_root = builder.finish()
+        for block in tail:
+            self.emit_stored(block.cid, block.data)
+        blocks, meta_dir = directory_blocks([Entry(manifest.NAME, manifest_root.cid, manifest_root.tsize)])
+        for block in blocks:
+            self.emit_stored(block.cid, block.data)
+        root_frame = self.frames.pop()
+        root_frame.entries.append(Entry(manifest.DIRNAME, meta_dir.cid, meta_dir.tsize))
+        blocks, root = directory_blocks(root_frame.entries)
+        for block in blocks:
+            self.emit_stored(block.cid, block.data)
+        header = car.header(root.cid)
+        assert len(header) == HEADER_LEN
+        self.segments.insert(0, (HEADER_LEN, [0, "R", header]))
+        self.commp.replace_prefix(header)
+        piece = self.commp.finish()
+        if self.offset > self.budget.capacity:
+            raise AssertionError(
+                f"bin {self.number}: CAR is {self.offset} bytes, over the bin size {self.budget.capacity}"
+            )
+        return {
+            "bin": self.number,
+            "car_size": self.offset,
+            "root": root.cid,
+            "root_cid": cid_to_str(root.cid),
+            "piece_cid": piece.piece_cid,
+            "piece_cid_v2": piece.piece_cid_v2,
+            "piece_size": piece.piece_size,
+            "bin_size": self.budget.capacity,
+            "entries": self.manifest_count,
+            "stale": False,
+        }
