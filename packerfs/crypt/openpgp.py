@@ -331,11 +331,12 @@ class _OpenPGPEncryptor(Encryptor):
             raise SourceChanged(f"plaintext is longer than the scanned {self._L.F} bytes")
         x = self._data_pos + n
         base = self._data_pos
+        view = memoryview(plaintext)  # slices without copying
         inner = self._L.inner_bytes(
             self._ipos,
             self._L.inner_after_data(x),
             self._prefix,
-            lambda off, size: plaintext[off - base : off - base + size],
+            lambda off, size: view[off - base : off - base + size],
             None,
         )
         self._data_pos = x
