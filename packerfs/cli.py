@@ -72,6 +72,158 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cipher_from_args(args: argparse.Namespace):
+    from packerfs.crypt import make_cipher
+
+    return make_cipher(
+        recipients=args.recipient or (),
+        recipients_files=args.recipients_file or (),
+        gpg_recipients=args.gpg_recipient or (),
+        gpg_homedir=args.gpg_homedir,
+        no_encryption=args.no_encryption,
+    )
+
+
+def _bin_size_from_args(args: argparse.Namespace) -> int:
+    from packerfs.plan.sizes import DEFAULT_BIN_SIZE, check_bin_size, parse_size
+
+    return check_bin_size(parse_size(args.bin_size) if args.bin_size else DEFAULT_BIN_SIZE)
+
+
+def open_engine(args: argparse.Namespace):
+    from packerfs.pack import Engine
+
+    return Engine.open(args.source, args.temp, _cipher_from_args(args), _bin_size_from_args(args))
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from packerfs.errors import EXIT_INCOMPLETE
+    from packerfs.pack.writer import car_name
+
+    engine = open_engine(args)
+    try:
+        with progress("scanning", None) as advance:
+            report = engine.scan(skip_unreadable=args.skip_unreadable, advance=advance)
+        bins = engine.bins()
+        total = sum(b["car_size"] for b in bins)
+        with progress("writing", total) as advance:
+            engine.write(args.output, advance)
+    finally:
+        engine.close()
+    skipped = [p for p in report.problems if p.fatal]
+    result = {
+        "output": os.path.abspath(args.output),
+        "state_dir": engine.state_dir,
+        "cars": [
+            {
+                "car_file": car_name(b["bin"]),
+                "car_size": b["car_size"],
+                "bin_size": b["bin_size"],
+                "fill": round(b["car_size"] / b["bin_size"], 6),
+                "piece_cid": b["piece_cid"],
+                "piece_cid_v2": b["piece_cid_v2"],
+                "piece_size": b["piece_size"],
+                "payload_cid": b["root_cid"],
+                "stale": b["stale"],
+            }
+            for b in bins
+        ],
+        "new_bins": report.bins_sealed,
+        "files_packed": report.files_placed,
+        "files_unchanged": report.skipped,
+        "bytes_read": report.bytes_read,
+        "stale_paths": [os.fsdecode(p) for p in report.stale_paths],
+        "skipped": [{"path": os.fsdecode(p.path), "reason": p.reason} for p in report.problems],
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_pack_summary(result)
+    return EXIT_INCOMPLETE if skipped else 0
+
+
+def _print_pack_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"CARs in {result['output']}")
+    for column in ("car file", "size", "fill", "piece CID", "piece size"):
+        table.add_column(column, justify="right" if column in ("size", "fill", "piece size") else "left")
+    for car in result["cars"]:
+        table.add_row(
+            car["car_file"] + (" (stale)" if car["stale"] else ""),
+            f"{car['car_size']:,}",
+            f"{100 * car['fill']:.2f}%",
+            car["piece_cid"],
+            f"{car['piece_size']:,}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{result['files_packed']} files packed into {len(result['new_bins'])} new bins, "
+        f"{result['files_unchanged']} unchanged; manifest.csv and manifest.json written; "
+        f"state in {result['state_dir']}"
+    )
+    for path in result["stale_paths"]:
+        console.print(f"[yellow]stale:[/] {path} changed or vanished; bins holding it are marked stale")
+    for skip in result["skipped"]:
+        console.print(f"[yellow]skipped:[/] {skip['path']}: {skip['reason']}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from packerfs.index import Index
+    from packerfs.pack import default_state_dir
+
+    state_dir = args.temp or default_state_dir(args.source)
+    index = Index(state_dir, readonly=True)
+    try:
+        scan = index.get_meta(b"scan", {}) or {}
+        identity = index.get_meta(b"identity", {}) or {}
+        bins = sorted(index.all_bins(), key=lambda b: b["bin"])
+    finally:
+        index.close()
+    status = {
+        "state_dir": state_dir,
+        "source": identity.get("source"),
+        "state": scan.get("state", "empty"),
+        "bins_sealed": len(bins),
+        "bytes_total": scan.get("bytes_total", 0),
+        "stale_bins": [b["bin"] for b in bins if b.get("stale")],
+    }
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        for key, value in status.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def add_pack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bin-size",
+        metavar="SIZE",
+        help="hard ceiling on each CAR file's length, e.g. 32GiB, 31.5GiB, 8MiB, 1GB; "
+        "default 34091302912 (the payload of a 32 GiB sector); at most 68182605824 (64 GiB sector)",
+    )
+    p.add_argument(
+        "-r", "--recipient", action="append", metavar="R",
+        help="encrypt with age to R: an age1… key, an ssh-rsa/ssh-ed25519 public key, or a file of them "
+        "(repeatable); `packerfs keygen` makes one",
+    )
+    p.add_argument("-R", "--recipients-file", action="append", metavar="FILE", help="age recipients file, as `age -R`")
+    p.add_argument(
+        "--gpg-recipient", action="append", metavar="ID",
+        help="encrypt with OpenPGP to key ID in the gpg keyring (repeatable); `gpg -d` decrypts",
+    )
+    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home directory (default: gpg's own)")
+    p.add_argument("--no-encryption", action="store_true", help="store files unencrypted")
+    p.add_argument(
+        "-t", "--temp", metavar="STATE",
+        help="state directory (index and dataset key); default under ~/.cache/packerfs, keyed by SRC. "
+        "Reusing it makes a later run resume or add only what changed.",
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from packerfs.demo import run_demo
 
@@ -101,6 +253,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
     p.set_defaults(func=cmd_commp)
+
+    p = commands.add_parser(
+        "pack",
+        help="pack SRC into bin-sized CAR files with piece CIDs in OUT",
+        description="Scan SRC once (encrypting each file, splitting large ones, computing CIDs and commP "
+        "in the same pass) and write OUT/bin-NNNNNN.car plus OUT/manifest.csv (car_file, piece_cid, "
+        "piece_size, payload_cid, car_size, …: what `boost offline-deal` needs) and OUT/manifest.json. "
+        "Rerunning with the same state resumes an interrupted scan; after changes it packs only new and "
+        "changed files into new bins and reports the bins they make stale.",
+        epilog=EPILOG,
+    )
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("output", metavar="OUT")
+    add_pack_options(p)
+    p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed; exit 3) instead of failing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_pack)
+
+    p = commands.add_parser("status", help="show the state of a scan", description="Show a state directory's scan state.")
+    p.add_argument("source", metavar="SRC", nargs="?", default=".")
+    p.add_argument("-t", "--temp", metavar="STATE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
 
     p = commands.add_parser(
         "keygen",

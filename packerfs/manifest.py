@@ -33,9 +33,7 @@ holds them as Python objects.
 
 from __future__ import annotations
 
-import dag_cbor
-from multiformats import CID
-
+from packerfs.ipld import cbor
 from packerfs.ipld.cid import read_cid
 
 FORMAT = 1
@@ -44,35 +42,26 @@ DIRNAME = b".packerfs"
 KINDS = ("dir", "symlink", "file")
 
 
-def _head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes([major << 5 | n])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
-    raise ValueError("CBOR length too large")
-
-
 def encode_entry(entry: dict) -> bytes:
     value = dict(entry)
     if "cid" in value:
-        value["cid"] = CID.decode(value["cid"])
-    return dag_cbor.encode(value)
+        value["cid"] = cbor.Link(value["cid"])
+    return cbor.encode(value)
 
 
 def encode_manifest(dataset: bytes, bin_number: int, cipher: str, recipients: list[str], entries: bytes, count: int) -> bytes:
     """Splice pre-encoded entries (concatenated) under the top-level map."""
     fields = {
-        "packerfs": dag_cbor.encode(FORMAT),
-        "dataset": dag_cbor.encode(dataset),
-        "bin": dag_cbor.encode(bin_number),
-        "cipher": dag_cbor.encode(cipher),
-        "recipients": dag_cbor.encode(list(recipients)),
-        "entries": _head(4, count) + bytes(entries),
+        "packerfs": cbor.encode(FORMAT),
+        "dataset": cbor.encode(dataset),
+        "bin": cbor.encode(bin_number),
+        "cipher": cbor.encode(cipher),
+        "recipients": cbor.encode(list(recipients)),
+        "entries": cbor.encode_head(4, count) + bytes(entries),
     }
     # DAG-CBOR map keys: shorter first, then bytewise.
     order = sorted(fields, key=lambda k: (len(k.encode()), k.encode()))
-    return _head(5, len(fields)) + b"".join(dag_cbor.encode(k) + fields[k] for k in order)
+    return cbor.encode_head(5, len(fields)) + b"".join(cbor.encode(k) + fields[k] for k in order)
 
 
 def manifest_fixed_bound(recipients: list[str], cipher: str) -> int:
@@ -103,9 +92,9 @@ class ManifestError(ValueError):
 def decode_manifest(data: bytes) -> dict:
     """Parse and validate a manifest. Raises ManifestError with what is wrong."""
     try:
-        top = dag_cbor.decode(data)
-    except Exception as exc:
-        raise ManifestError(f"manifest is not DAG-CBOR ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        top = cbor.decode(data)
+    except cbor.CBORError as exc:
+        raise ManifestError(f"manifest is not DAG-CBOR ({exc})") from None
     if not isinstance(top, dict) or top.get("packerfs") != FORMAT:
         raise ManifestError("not a packerfs manifest (format version missing or unknown)")
     for key, kind in (("dataset", bytes), ("bin", int), ("cipher", str), ("recipients", list), ("entries", list)):
@@ -138,10 +127,15 @@ def _check_entry(raw, i: int) -> dict:
     entry = dict(raw)
     if kind in ("file", "symlink"):
         cid = raw.get("cid")
-        if not isinstance(cid, CID):
+        if not isinstance(cid, cbor.Link):
             raise bad("field 'cid' is missing or not a CID")
         entry["cid"] = bytes(cid)
-        read_cid(entry["cid"])
+        try:
+            _, end = read_cid(entry["cid"])
+        except ValueError as exc:
+            raise bad(f"malformed CID ({exc})") from None
+        if end != len(entry["cid"]):
+            raise bad("malformed CID (trailing bytes)")
     if kind == "file":
         if not (1 <= entry["part"] <= entry["parts"]):
             raise bad("part number out of range")

@@ -46,3 +46,42 @@ def run_tool(*args, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("timeout", 300)
     return subprocess.run([str(a) for a in args], **kwargs)
+
+
+PACKERFS = [os.environ.get("PACKERFS_PYTHON", __import__("sys").executable), "-m", "packerfs.cli"]
+
+
+def packerfs(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the packerfs CLI as a user would, in a subprocess."""
+    kwargs.setdefault("cwd", ROOT)
+    result = run_tool(*PACKERFS, *args, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"packerfs {' '.join(map(str, args))} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+def write_random(path: Path, size: int, seed: int) -> bytes:
+    import random
+
+    data = random.Random(seed).randbytes(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def make_small_tree(root: Path) -> Path:
+    """A small tree that still forces splits and several bins at 4 MiB."""
+    MiB = 1 << 20
+    write_random(root / "a.txt", 12, 1)
+    (root / "empty-file").write_bytes(b"")
+    (root / "empty-dir").mkdir(parents=True)
+    write_random(root / "sub" / "big.bin", 9 * MiB + 7, 2)
+    write_random(root / "sub" / "exact-mib", MiB, 3)
+    write_random(root / "sub" / "mib-minus", MiB - 1, 4)
+    write_random(root / "sub" / "mib-plus", MiB + 1, 5)
+    write_random(root / "sub" / "deeper" / "tiny", 1, 6)
+    for i in range(20):
+        write_random(root / "many" / f"f{i:02d}", 1000 * i, 100 + i)
+    os.symlink("../a.txt", root / "sub" / "link")
+    os.symlink("/nonexistent/target", root / "dangling")
+    return root

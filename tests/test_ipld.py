@@ -387,3 +387,62 @@ def test_reader_rejects_non_car(tmp_path):
     path.write_bytes(b"\x05hello world")
     with pytest.raises(FormatError, match="not a CARv1"):
         car.CarReader(path)
+
+
+# ---------------------------------------------------------------- DAG-CBOR
+
+
+def _cbor_values():
+    from packerfs.ipld.cbor import Link
+
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.binary(max_size=40),
+        st.text(max_size=20),
+        st.binary(min_size=32, max_size=32).map(lambda d: Link(b"\x01\x71\x12\x20" + d)),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=8), inner, max_size=5)),
+        max_leaves=20,
+    )
+
+
+def _to_dag_cbor(value):
+    from multiformats import CID
+
+    from packerfs.ipld.cbor import Link
+
+    if isinstance(value, Link):
+        return CID.decode(bytes(value))
+    if isinstance(value, list):
+        return [_to_dag_cbor(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_dag_cbor(v) for k, v in value.items()}
+    return value
+
+
+@settings(max_examples=200)
+@given(_cbor_values())
+def test_cbor_codec_agrees_with_dag_cbor_package(value):
+    import dag_cbor
+
+    from packerfs.ipld import cbor
+
+    encoded = cbor.encode(value)
+    assert encoded == dag_cbor.encode(_to_dag_cbor(value))
+    assert cbor.decode(encoded) == value
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"\x18\x05", b"\xa2\x61b\x01\x61a\x02", b"\x9f\xff", b"\xf9\x3c\x00", b"\xd8\x2b\x41\x00", b"\x62ab\x00", b"\x42a"],
+    ids=["non-minimal int", "unsorted keys", "indefinite", "float", "other tag", "trailing", "truncated"],
+)
+def test_cbor_decoder_refuses_non_canonical(blob):
+    from packerfs.ipld import cbor
+
+    with pytest.raises(cbor.CBORError):
+        cbor.decode(blob)

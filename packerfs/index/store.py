@@ -29,10 +29,10 @@ import os
 import struct
 from typing import Iterator
 
-import dag_cbor
 import lmdb
 
 from packerfs.errors import PackerfsError, UsageError
+from packerfs.ipld import cbor
 
 DIGESTS_PER_CHUNK = 1024
 DIGEST = 32
@@ -61,11 +61,11 @@ def path_key(path: bytes) -> bytes:
 
 
 def pack(value) -> bytes:
-    return dag_cbor.encode(value)
+    return cbor.encode(value)
 
 
 def unpack(data: bytes):
-    return dag_cbor.decode(bytes(data))
+    return cbor.decode(bytes(data))
 
 
 class Index:

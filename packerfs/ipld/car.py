@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Iterator, NamedTuple
 
-import dag_cbor
-from multiformats import CID
-
 from packerfs.errors import FormatError, TruncatedInput
+from packerfs.ipld import cbor
 from packerfs.ipld.cid import check_block, decode_uvarint, encode_uvarint, read_cid
 
 # A section longer than this is not a block any IPFS tool would produce
@@ -27,7 +25,7 @@ MAX_HEADER = 1 << 16
 
 def header(root: bytes) -> bytes:
     """The CARv1 header for one root. Its length depends only on the root CID's length."""
-    body = dag_cbor.encode({"roots": [CID.decode(root)], "version": 1})
+    body = cbor.encode({"roots": [cbor.Link(root)], "version": 1})
     return encode_uvarint(len(body)) + body
 
 
@@ -130,13 +128,13 @@ class CarReader:
         if len(body) < length:
             raise self._fail("file ends inside the CAR header", pos, TruncatedInput)
         try:
-            decoded = dag_cbor.decode(body)
-        except Exception as exc:
-            raise self._fail(f"not a CARv1 file: header is not DAG-CBOR ({first_line(exc)})", pos) from None
+            decoded = cbor.decode(body)
+        except cbor.CBORError as exc:
+            raise self._fail(f"not a CARv1 file: header is not DAG-CBOR ({exc})", pos) from None
         if not isinstance(decoded, dict) or decoded.get("version") != 1:
             raise self._fail("not a CARv1 file: header version is not 1", pos)
         roots = decoded.get("roots")
-        if not isinstance(roots, list) or not roots or not all(isinstance(r, CID) for r in roots):
+        if not isinstance(roots, list) or not roots or not all(isinstance(r, cbor.Link) for r in roots):
             raise self._fail("CAR header has no valid roots", pos)
         return [bytes(r) for r in roots], pos + length
 

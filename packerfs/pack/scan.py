@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from packerfs import manifest
 from packerfs.crypt.base import Cipher
@@ -310,6 +310,13 @@ class Scan:
     def _plan(self, entry: Entry, stream_size: int) -> tuple[bool, list[int]]:
         """(seal the current bin first?, leaves per part): a pure function of sizes and budgets."""
         name_bound, bound = self._name_bounds(entry)
+        leaves = costs.leaf_count(stream_size)
+        first = None
+        if self.layout is not None:
+            self._sync_frames(self.layout, self._chain())
+            first = self.layout.budget.max_leaves(name_bound, bound, stream_size)
+            if first >= leaves:
+                return False, [leaves]  # fits whole: the common case, no simulation needed
         fresh = self._fresh_layout(0)
         self._sync_frames(fresh, self._chain())
         per_bin = fresh.budget.max_leaves(name_bound, bound, stream_size)
@@ -318,15 +325,11 @@ class Scan:
                 f"bin size {self.bin_size} is too small to hold one 1 MiB leaf of "
                 f"{os.fsdecode(entry.path)} with its CAR overhead; use a larger --bin-size"
             )
-        seal_first = False
-        first = per_bin
-        if self.layout is not None:
-            self._sync_frames(self.layout, self._chain())
-            first = self.layout.budget.max_leaves(name_bound, bound, stream_size)
-            if first == 0:
-                seal_first, first = True, per_bin
+        seal_first = first == 0
+        if not first:
+            first = per_bin
         parts = []
-        left = costs.leaf_count(stream_size)
+        left = leaves
         take = first
         while left:
             parts.append(min(take, left))
@@ -334,12 +337,15 @@ class Scan:
             take = per_bin
         return seal_first, parts
 
-    def _place_file(self, entry: Entry, resume: dict | None) -> None:
-        if resume is not None and resume.get("leaves_sealed"):
-            raise PackerfsError(
-                f"{os.fsdecode(entry.path)}: resuming inside a split file is not supported yet; "
-                f"remove the state directory to start over"
-            )
+    def _place_file(self, entry: Entry, earlier: dict | None) -> None:
+        """Place a file, or continue one whose first parts were sealed before an interruption."""
+        if earlier is not None and earlier.get("leaves_sealed"):
+            version = self.index.latest_version(entry.path)
+            if self._continue_file(entry, version, earlier):
+                return
+            # The source changed since those parts were sealed: they are stale, the file starts over.
+            self.stale_bins.update(earlier["bins"])
+            self.report.stale_paths.append(entry.path)
         stream_size = self.cipher.stream_size(entry.size)
         seal_first, parts = self._plan(entry, stream_size)
         if self.layout is None:
@@ -348,80 +354,40 @@ class Scan:
             self._seal()
             self._new_bin()
         self._sync_frames(self.layout, self._chain())
-
         version, record = self._new_record(entry)
         record.update(stream_size=stream_size, parts=parts, complete=False, leaves_sealed=0)
-        self.pending_files[version] = record
-        self.pending_paths[entry.path] = version
         encryptor = self.cipher.new_file(entry.size, self.secret)
+        self._lay_out(entry, version, record, encryptor, self._stream_leaves(entry, encryptor), 0)
+
+    def _continue_file(self, entry: Entry, version: int, record: dict) -> bool:
+        """Re-derive the sealed prefix with the same secrets; False if it no longer matches the index."""
+        encryptor = self.cipher.resume_file(record["params"], entry.size, self.secret)
+        leaves = self._stream_leaves(entry, encryptor)
+        sealed = record["leaves_sealed"]
+        expected = self.index.digests_of(version, 0, sealed)
+        for i in range(sealed):
+            leaf = next(leaves)
+            if hashlib.sha256(leaf).digest() != expected[i * DIGEST : (i + 1) * DIGEST]:
+                leaves.close()
+                return False
+        if self.layout is not None and not self.layout.is_empty:
+            raise AssertionError("a continued file must start a fresh bin, as it did before the interruption")
+        if self.layout is None:
+            self._new_bin()
+        self._sync_frames(self.layout, self._chain())
+        self._lay_out(entry, version, record, encryptor, leaves, sealed)
+        return True
+
+    def _stream_leaves(self, entry: Entry, encryptor) -> Iterator[bytes]:
+        """The file's stream, read once from the source and encrypted, cut into leaves."""
         full_path = self.source + b"/" + entry.path
-        name_bound, bound = self._name_bounds(entry)
-
-        part = 0
-        part_leaf_start = 0
-        builder = FileBuilder()
-        leaf_index = 0
-        digests = bytearray()
-        pending = bytearray()
-
-        def emit(leaf: bytes) -> None:
-            nonlocal leaf_index, part, part_leaf_start, builder, digests
-            digest = hashlib.sha256(leaf).digest()
-            digests += digest
-            cid = cid_from_digest(RAW, digest)
-            layout = self.layout
-            layout.emit_leaf(version, leaf_index, cid, leaf)
-            leaf_index += 1
-            for block in builder.add_leaf(Node(cid, len(leaf), len(leaf))):
-                layout.emit_file_node(block, version, leaf_index)
-            if len(digests) == DIGEST * DIGESTS_PER_CHUNK:
-                self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
-                digests = bytearray()
-            if len(layout.segments) >= SEGMENT_FLUSH:
-                self._flush_segments()
-            if leaf_index - part_leaf_start == parts[part]:
-                finish_part()
-
-        def finish_part() -> None:
-            nonlocal part, part_leaf_start, builder
-            layout = self.layout
-            tail, root = builder.finish()
-            for block in tail:
-                layout.emit_file_node(block, version, leaf_index)
-            name = entry.name + self.cipher.suffix.encode() + part_suffix(part + 1, len(parts))
-            layout.add_entry(name, root.cid, root.tsize)
-            parent = entry.path[: -len(entry.name)]
-            meta = _manifest_base(entry)
-            start = part_leaf_start * CHUNK_SIZE
-            meta.update(
-                name=parent + name,
-                version=version,
-                size=entry.size,
-                stream=stream_size,
-                part=part + 1,
-                parts=len(parts),
-                offset=start,
-                length=min(stream_size, leaf_index * CHUNK_SIZE) - start,
-                cid=root.cid,
-            )
-            layout.add_manifest_entry(meta, bound)
-            part += 1
-            part_leaf_start = leaf_index
-            builder = FileBuilder()
-            if part < len(parts):
-                record["leaves_sealed"] = leaf_index
-                if digests:
-                    self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
-                self._seal()
-                self._new_bin()
-                self._sync_frames(self.layout, self._chain())
-
         try:
             fd = os.open(full_path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
         except PermissionError:
             fd = os.open(full_path, os.O_RDONLY)
         except OSError as exc:
             raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
+        pending = bytearray()
         try:
             remaining = entry.size
             while remaining:
@@ -429,35 +395,97 @@ class Scan:
                 if not data:
                     raise SourceChanged(
                         f"{os.fsdecode(full_path)}: file shrank while being read "
-                        f"(offset {entry.size - remaining} of {entry.size}); run the scan again to resume"
+                        f"(offset {entry.size - remaining} of {entry.size}); run again to resume"
                     )
                 remaining -= len(data)
                 self.report.bytes_read += len(data)
                 self.advance(len(data))
                 pending += encryptor.update(data)
                 while len(pending) >= CHUNK_SIZE:
-                    emit(bytes(pending[:CHUNK_SIZE]))
+                    yield bytes(pending[:CHUNK_SIZE])
                     del pending[:CHUNK_SIZE]
             pending += encryptor.finish()
             now = os.fstat(fd)
             if (now.st_size, now.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                raise SourceChanged(
-                    f"{os.fsdecode(full_path)}: file changed while being read; run the scan again to resume"
-                )
+                raise SourceChanged(f"{os.fsdecode(full_path)}: file changed while being read; run again to resume")
         finally:
             os.close(fd)
         while len(pending) >= CHUNK_SIZE:
-            emit(bytes(pending[:CHUNK_SIZE]))
+            yield bytes(pending[:CHUNK_SIZE])
             del pending[:CHUNK_SIZE]
-        if pending or leaf_index == 0:
-            emit(bytes(pending))
-        if digests:
-            self.pending_digests.append(((version, (leaf_index - 1) // DIGESTS_PER_CHUNK), bytes(digests)))
+        if pending or self.cipher.stream_size(entry.size) == 0:
+            yield bytes(pending)  # the short last leaf, or the one empty leaf of an empty stream
+
+    def _lay_out(self, entry: Entry, version: int, record: dict, encryptor, leaves: Iterator[bytes], first_leaf: int) -> None:
+        """Emit leaves `first_leaf`… into bins part by part, sealing between parts."""
+        parts = record["parts"]
+        stream_size = record["stream_size"]
+        self.pending_files[version] = record
+        self.pending_paths[entry.path] = version
+        _, bound = self._name_bounds(entry)
+        part, part_start = 0, 0
+        while part_start < first_leaf:  # a continued file resumes at a part boundary
+            part_start += parts[part]
+            part += 1
+        assert part_start == first_leaf
+        builder = FileBuilder()
+        leaf_index = first_leaf
+        # Digests are stored per chunk of DIGESTS_PER_CHUNK leaves; a chunk is rewritten as it grows.
+        chunk_first = first_leaf - first_leaf % DIGESTS_PER_CHUNK
+        digests = bytearray(self.index.digests_of(version, chunk_first, first_leaf - chunk_first))
+
+        def flush_digests() -> None:
+            nonlocal digests, chunk_first
+            if digests:
+                self.pending_digests.append(((version, chunk_first // DIGESTS_PER_CHUNK), bytes(digests)))
+            if len(digests) == DIGEST * DIGESTS_PER_CHUNK:
+                digests = bytearray()
+                chunk_first += DIGESTS_PER_CHUNK
+
+        for leaf in leaves:
+            layout = self.layout
+            digest = hashlib.sha256(leaf).digest()
+            digests += digest
+            cid = cid_from_digest(RAW, digest)
+            layout.emit_leaf(version, leaf_index, cid, leaf)
+            leaf_index += 1
+            for block in builder.add_leaf(Node(cid, len(leaf), len(leaf))):
+                layout.emit_file_node(block, version, leaf_index)
+            if leaf_index % DIGESTS_PER_CHUNK == 0:
+                flush_digests()
+            if len(layout.segments) >= SEGMENT_FLUSH:
+                self._flush_segments()
+            if leaf_index - part_start < parts[part]:
+                continue
+            # the part is complete: link it, describe it, and seal the bin if more parts follow
+            tail, root = builder.finish()
+            for block in tail:
+                layout.emit_file_node(block, version, leaf_index)
+            name = entry.name + self.cipher.suffix.encode() + part_suffix(part + 1, len(parts))
+            layout.add_entry(name, root.cid, root.tsize)
+            meta = _manifest_base(entry)
+            offset = part_start * CHUNK_SIZE
+            meta.update(
+                name=entry.path[: -len(entry.name)] + name, version=version, size=entry.size, stream=stream_size,
+                part=part + 1, parts=len(parts), offset=offset,
+                length=min(stream_size, leaf_index * CHUNK_SIZE) - offset, cid=root.cid,
+            )
+            layout.add_manifest_entry(meta, bound)
+            part += 1
+            part_start = leaf_index
+            builder = FileBuilder()
+            if part < len(parts):
+                flush_digests()
+                record["leaves_sealed"] = leaf_index
+                record["params"] = encryptor.params()
+                self._seal()
+                self._new_bin()
+                self._sync_frames(self.layout, self._chain())
+        if leaf_index != costs.leaf_count(stream_size) or part != len(parts):
+            raise AssertionError(f"{entry.path!r}: {leaf_index} leaves in {part} parts, planned {parts}")
+        flush_digests()
         record["params"] = encryptor.params()
         record["complete"] = True
-        record["leaves"] = leaf_index
-        if leaf_index != costs.leaf_count(stream_size):
-            raise AssertionError(f"{entry.path!r}: {leaf_index} leaves, expected {costs.leaf_count(stream_size)}")
         self.report.files_placed += 1
 
     # ================================================================ state
