@@ -7,6 +7,9 @@ Pack side::
     ... enc.update(chunk) ... enc.finish(); params = enc.params()
     stream = cipher.open_stream(params, size, read_plain, secret)   # RandomAccess, any range
 
+    partial = enc.params()        # at any time: regenerates the stream bytes returned so far
+    enc = cipher.resume_file(partial, size, secret)   # after an interruption: same secrets, same bytes
+
 Unpack side::
 
     keyring = KeyRing(identity_files=[...], gpg_homedir=None)

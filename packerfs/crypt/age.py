@@ -15,14 +15,25 @@ Every chunk is independent, so any byte range of the stream can be produced by
 encrypting only the chunks it touches, and any plaintext range can be
 recovered (and authenticated) by decrypting only those chunks.
 
-Params blob (what the index stores per file version; version 1)::
+Params blob (what the index stores per file version; version 2)::
 
-    0x01 || uvarint(len(header)) || header || wrapped
+    0x02 || uvarint(plain size) || uvarint(len(header)) || header || wrapped
     wrapped = secrets.wrap(dataset secret, file key (16) || payload nonce (16),
                            context = "packerfs/age/params/v1\\0" || header)
 
+Version 1 blobs (``0x01 || uvarint(len(header)) || header || wrapped``, the
+same without the plain size) are still read; only their plaintext size cannot
+be checked. The plain size is recorded so that open_stream() and resume_file()
+refuse a size other than the one the stream was made for (FormatError).
+
 The header is public (it is the first bytes of the stream); the file key and
 payload nonce appear only wrapped under the dataset secret.
+
+Everything in the params is drawn before the first stream byte, so
+AgeEncryptor.params() returns the same blob at any time, and that blob (partial
+or final alike) regenerates the whole stream. AgeCipher.resume_file() unwraps
+file key and nonce and reuses the stored header, so a resumed pass over the
+same plaintext yields identical stream bytes and the identical params blob.
 """
 
 from __future__ import annotations
@@ -85,7 +96,7 @@ _X25519_INFO = b"age-encryption.org/v1/X25519"
 _ED25519_INFO = b"age-encryption.org/v1/ssh-ed25519"
 _RSA_LABEL = b"age-encryption.org/v1/ssh-rsa"
 _ZERO_NONCE = bytes(12)
-_PARAMS_VERSION = 1
+_PARAMS_VERSION = 2  # 1 (no plain size) is still read
 _PARAMS_CONTEXT = b"packerfs/age/params/v1\x00"
 _B64_RE = re.compile(rb"[A-Za-z0-9+/]*")
 
@@ -804,35 +815,52 @@ def stream_size_for(header_size: int, plain_size: int) -> int:
 # --------------------------------------------------------------------------- pack side
 
 
-def encode_params(header: bytes, wrapped: bytes) -> bytes:
-    return bytes([_PARAMS_VERSION]) + _uvarint(len(header)) + header + wrapped
+def encode_params(header: bytes, wrapped: bytes, plain_size: int) -> bytes:
+    return bytes([_PARAMS_VERSION]) + _uvarint(plain_size) + _uvarint(len(header)) + header + wrapped
 
 
-def decode_params(params: bytes, dataset_secret: bytes) -> tuple[bytes, bytes, bytes]:
-    """-> (header, file key, payload nonce)."""
-    if not params or params[0] != _PARAMS_VERSION:
+def _split_params(params: bytes) -> tuple[int | None, bytes, bytes]:
+    """-> (plain size or None for a version-1 blob, header, wrapped secret)."""
+    if not params or params[0] not in (1, _PARAMS_VERSION):
         raise FormatError("age stream parameters are from an unknown packerfs version")
-    n, pos = _read_uvarint(params, 1)
+    pos = 1
+    plain_size = None
+    if params[0] == 2:
+        plain_size, pos = _read_uvarint(params, pos)
+    n, pos = _read_uvarint(params, pos)
     header = params[pos : pos + n]
     if len(header) != n:
         raise FormatError("age stream parameters are truncated")
-    secret = _secrets.unwrap(dataset_secret, params[pos + n :], _PARAMS_CONTEXT + header)
+    return plain_size, header, params[pos + n :]
+
+
+def decode_params(
+    params: bytes, dataset_secret: bytes, plain_size: int | None = None
+) -> tuple[bytes, bytes, bytes]:
+    """-> (header, file key, payload nonce).
+
+    With `plain_size`, a blob that records another plaintext size is refused
+    (FormatError) before anything is unwrapped.
+    """
+    recorded, header, wrapped = _split_params(params)
+    if plain_size is not None and recorded is not None and recorded != plain_size:
+        raise FormatError(
+            f"age stream parameters were made for a plaintext of {recorded} bytes, not {plain_size} "
+            "(they belong to another version of the file)"
+        )
+    secret = _secrets.unwrap(dataset_secret, wrapped, _PARAMS_CONTEXT + header)
     if len(secret) != FILE_KEY_SIZE + NONCE_SIZE:
         raise FormatError("age stream parameters are malformed")
     return header, secret[:FILE_KEY_SIZE], secret[FILE_KEY_SIZE:]
 
 
 class AgeEncryptor(Encryptor):
-    def __init__(self, cipher: "AgeCipher", plain_size: int, dataset_secret: bytes):
+    """One sequential pass; params() is the same blob at any time (all of it is drawn up front)."""
+
+    def __init__(self, header: bytes, file_key: bytes, nonce: bytes, params: bytes, plain_size: int):
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        file_key = os.urandom(FILE_KEY_SIZE)
-        nonce = os.urandom(NONCE_SIZE)
-        header = build_header(cipher._recipients, file_key)
-        if len(header) != cipher.header_size:  # stream_size() would be wrong; never expected
-            raise RuntimeError("age header length is not a pure function of the recipients")
-        wrapped = _secrets.wrap(dataset_secret, file_key + nonce, _PARAMS_CONTEXT + header)
-        self._params = encode_params(header, wrapped)
+        self._params = params
         self._chunker = _Chunker(payload_key(file_key, nonce), plain_size)
         self._pending: bytes | None = header + nonce
         self._buf = bytearray()
@@ -910,8 +938,6 @@ class AgeEncryptor(Encryptor):
         return b"".join(parts)
 
     def params(self) -> bytes:
-        if not self._done:
-            raise RuntimeError("params() before finish()")
         return self._params
 
 
@@ -1013,11 +1039,35 @@ class AgeCipher(Cipher):
         return stream_size_for(self._header_size, plain_size)
 
     def new_file(self, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
-        return AgeEncryptor(self, plain_size, dataset_secret)
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        file_key = os.urandom(FILE_KEY_SIZE)
+        nonce = os.urandom(NONCE_SIZE)
+        header = build_header(self._recipients, file_key)
+        if len(header) != self._header_size:  # stream_size() would be wrong; never expected
+            raise RuntimeError("age header length is not a pure function of the recipients")
+        wrapped = _secrets.wrap(dataset_secret, file_key + nonce, _PARAMS_CONTEXT + header)
+        return AgeEncryptor(header, file_key, nonce, encode_params(header, wrapped, plain_size), plain_size)
 
     def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> AgeStream:
-        header, file_key, nonce = decode_params(params, dataset_secret)
+        header, file_key, nonce = decode_params(params, dataset_secret, plain_size)
         return AgeStream(header, file_key, nonce, plain_size, read_plain)
+
+    def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
+        """The same pass again: stored header, file key and nonce; params() returns `params` itself.
+
+        The header in `params` must have this cipher's header size (the same
+        recipients), else the resumed stream would not be stream_size() long.
+        """
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        header, file_key, nonce = decode_params(params, dataset_secret, plain_size)
+        if len(header) != self._header_size:
+            raise UsageError(
+                f"cannot resume this file: its stored age header is {len(header)} bytes, but this pack's "
+                f"recipients make {self._header_size}-byte headers (were the recipients changed?)"
+            )
+        return AgeEncryptor(header, file_key, nonce, bytes(params), plain_size)
 
 
 # --------------------------------------------------------------------------- unpack side

@@ -10,8 +10,10 @@ from a FUSE mount without staging anything on disk:
   (c) stock tools (`age -d`, `pyrage`, `gpg -d`) decrypt it.
 
 Pack side:   Cipher.new_file() -> Encryptor (one sequential pass; yields stream
-             bytes and, at the end, the opaque params blob to store) and
-             Cipher.open_stream(params, ...) -> Stream (random access later).
+             bytes and the opaque params blob to store, partial at any time,
+             final after finish()), Cipher.resume_file(params, ...) -> Encryptor
+             (the same pass again with the same secrets, after an interruption)
+             and Cipher.open_stream(params, ...) -> Stream (random access later).
 Unpack side: Decryptors turn a random-access view of a stored stream back into
              random-access plaintext (see packerfs.crypt.open_plaintext).
 """
@@ -43,8 +45,22 @@ class Encryptor(ABC):
 
     update() returns whatever stream bytes are ready (possibly b''); finish()
     returns the rest. The concatenation of all returned bytes is the stream,
-    exactly `Cipher.stream_size(plain_size)` long. After finish(), params() is
-    the blob that lets open_stream() regenerate any range of the same bytes.
+    exactly `Cipher.stream_size(plain_size)` long.
+
+    params() may be called at ANY time, any number of times (before the first
+    update(), between updates, after finish()). Let `emitted` be the number of
+    stream bytes returned by update()/finish() so far. The blob it returns
+    (*partial* params before finish(), *final* params after) is guaranteed to
+    let Cipher.open_stream(params, plain_size, read_plain, secret) regenerate
+    every byte of [0, emitted) exactly as emitted; final params cover the whole
+    stream. This is what lets the pack seal a bin in the middle of a file: the
+    bytes already laid out in the sealed bin are servable from the partial
+    params stored with it. Blobs taken at different times from one Encryptor
+    regenerate identical bytes wherever their covered ranges overlap, and they
+    carry the same wrapped per-file secrets, so any of them can also be given to
+    Cipher.resume_file(). What each cipher's partial params cover beyond
+    [0, emitted), if anything, is documented with the cipher; reading outside
+    the covered range of partial params may raise FormatError.
     """
 
     @abstractmethod
@@ -54,7 +70,8 @@ class Encryptor(ABC):
     def finish(self) -> bytes: ...
 
     @abstractmethod
-    def params(self) -> bytes: ...
+    def params(self) -> bytes:
+        """The params blob for the stream so far (partial) or for all of it (after finish())."""
 
 
 class Cipher(ABC):
@@ -80,4 +97,51 @@ class Cipher(ABC):
     def open_stream(
         self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes
     ) -> RandomAccess:
-        """Random access to the stream produced by the Encryptor that made `params`."""
+        """Random access to the stream produced by the Encryptor that made `params`.
+
+        `params` may be partial (see Encryptor.params()): then only the range
+        those params cover can be read; `size` is still the whole stream's size.
+        Raises KeyProblem if the wrapped secrets do not open with
+        `dataset_secret`, and FormatError if `params` are malformed or were made
+        for a different `plain_size`.
+        """
+
+    @abstractmethod
+    def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> Encryptor:
+        """Continue an interrupted file version with the SAME per-file secrets.
+
+        `params` are partial or final params of an earlier Encryptor for this
+        file version (typically the partial params stored when a bin was sealed
+        in the middle of the file). The returned Encryptor starts again at
+        plaintext byte 0 (the caller re-reads the file) and reuses the secrets,
+        random prefix and recipient header wrapped in `params`; given the same
+        plaintext it returns exactly the same stream bytes as the original
+        Encryptor, in the same total, and its params() after finish() equal the
+        original's final params byte for byte. Its partial params regenerate the
+        same bytes as the original's.
+
+        Errors: KeyProblem if the wrapped secrets do not open with
+        `dataset_secret` (as open_stream/unwrap); FormatError if `params` are
+        malformed or record a plaintext size other than `plain_size`; UsageError
+        if `params` were made for other recipients or options, so that the
+        resumed stream would not be `self.stream_size(plain_size)` long. The
+        returned Encryptor does not check the plaintext against `params`: a
+        changed plaintext simply yields different bytes (see below), and it
+        raises SourceChanged, as any Encryptor does, only if more or fewer than
+        `plain_size` bytes are fed.
+
+        Why reusing the keystream is safe: the resumed pass encrypts the file's
+        current bytes under the same key/nonce (age) or session key and prefix
+        (OpenPGP). If the plaintext is unchanged, that is literally the same
+        ciphertext again, which reveals nothing new. If it changed, the stream
+        bytes of the already sealed prefix no longer match the block CIDs
+        recorded for them, and every block is verified against its CID before
+        any byte of it is served (see packerfs.crypt.secrets), so no ciphertext
+        of a changed plaintext under a reused keystream position is ever
+        published for the sealed part; stream positions after the sealed prefix
+        were never published before, so they are encrypted once. The caller
+        must therefore resume only a file version whose identity (size, mtime)
+        still matches, should compare the resumed bytes of the sealed prefix
+        with what was sealed (and call new_file() on any mismatch), and must
+        never resume with params of another file version.
+        """

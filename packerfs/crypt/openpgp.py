@@ -26,13 +26,40 @@ stream offset k*N. With N = 1 MiB (the UnixFS leaf size) each leaf read
 starts at a checkpoint and reads at most 15 extra plaintext octets; any other
 range reads at most N extra. Cost: 16 octets per MiB in the index.
 
-Params blob (what `Encryptor.params()` returns and `open_stream` takes):
+Params blob (what `Encryptor.params()` returns and `open_stream` takes; version 2):
 
-    "PFOP" | version u8 (=1) | checkpoint_log2 u8 | chunk_log2 u8 | threshold u64
+    "PFOP" | version u8 (=2) | final u8 (1 = final, 0 = partial)
+    | checkpoint_log2 u8 | chunk_log2 u8 | threshold u64
+    | plain_size u64 | covered u64 (stream octets the blob can regenerate)
     | header_len u32 | header (the PKESK packets)
     | wrapped_len u16 | secrets.wrap(dataset secret, session key(32) || prefix(16),
                                       WRAP_CONTEXT || header)   (bound to its PKESKs)
     | mdc(20) | checkpoint count u32 | checkpoints (16 octets each)
+
+*Final* params (after finish()): final = 1, covered = the stream size, the
+MDC's SHA-1, and all checkpoints. *Partial* params (params() before finish()):
+final = 0, covered = the stream octets returned so far, 20 zero octets in
+place of the MDC (it is not known yet), and the checkpoints taken so far,
+which are at least all those for stream offsets below `covered`. Partial params
+regenerate exactly [0, covered); open_stream() on them serves any range inside
+it and raises FormatError for a read that ends past it (the ciphertext there may
+need checkpoints or the MDC that the blob lacks). All blobs of one stream, partial
+or final, hold the same header and the same wrapped bytes, and each holds a
+prefix of the final checkpoint list, so they regenerate identical bytes.
+plain_size is recorded so a blob is refused (FormatError) for any other size.
+
+Version 1 blobs (made before partial params existed: no `final`, `plain_size`
+or `covered` fields, always final) are still read, and a stream resumed from
+one ends with the same version 1 blob.
+
+Resuming (OpenPGPCipher.resume_file): the session key and prefix are unwrapped
+from any blob; header, wrapped secret and layout options are copied from it.
+CFB without resync over the same inner plaintext then yields the same
+ciphertext, so the resumed stream, its checkpoints, MDC and final params are
+identical. The resumed pass does not itself compare anything with the blob:
+a changed plaintext is the caller's to notice, by checking the resumed bytes of
+the sealed prefix against their recorded block digests (packerfs.pack.scan
+does, and starts a new file version on a mismatch).
 
 The session key and the random prefix exist at rest only wrapped under the
 dataset secret; the MDC is SHA-1 over the secret prefix and the data, so it
@@ -83,7 +110,8 @@ LITERAL_META = b"b\x00\x00\x00\x00\x00"  # binary, empty file name, date 0
 SESSION_KEY_LEN = 32
 WRAP_CONTEXT = b"packerfs/openpgp/v1 session key+prefix"
 MAGIC = b"PFOP"
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2  # version 1 (final params only, no plain size) is still read
+_NO_MDC = bytes(20)  # stands in for the MDC in partial params
 _ZERO_IV = bytes(BLOCK)
 _THREAD_MIN = 256 << 10  # encrypt pieces at least this big on a helper thread
 
@@ -197,22 +225,38 @@ class Layout:
 
 
 class _Params:
-    __slots__ = ("checkpoint_log2", "chunk_log2", "threshold", "header", "wrapped", "mdc", "checkpoints")
+    __slots__ = ("version", "final", "checkpoint_log2", "chunk_log2", "threshold", "plain_size", "covered",
+                 "header", "wrapped", "mdc", "checkpoints")
 
-    def __init__(self, checkpoint_log2, chunk_log2, threshold, header, wrapped, mdc, checkpoints):
+    def __init__(self, checkpoint_log2, chunk_log2, threshold, header, wrapped, mdc, checkpoints, *,
+                 plain_size=None, covered=None, final=True, version=PARAMS_VERSION):
+        self.version = version
+        self.final = final
         self.checkpoint_log2 = checkpoint_log2
         self.chunk_log2 = chunk_log2
         self.threshold = threshold
+        self.plain_size = plain_size  # None: a version 1 blob (not recorded)
+        self.covered = covered  # None: a version 1 blob (the whole stream)
         self.header = header
         self.wrapped = wrapped
         self.mdc = mdc
         self.checkpoints = checkpoints
 
     def encode(self) -> bytes:
+        if self.version == 1:
+            assert self.final
+            head = [struct.pack(">BBBQ", 1, self.checkpoint_log2, self.chunk_log2, self.threshold)]
+        else:
+            head = [
+                struct.pack(
+                    ">BBBBQQQ", PARAMS_VERSION, 1 if self.final else 0, self.checkpoint_log2, self.chunk_log2,
+                    self.threshold, self.plain_size, self.covered,
+                )
+            ]
         return b"".join(
             [
                 MAGIC,
-                struct.pack(">BBBQ", PARAMS_VERSION, self.checkpoint_log2, self.chunk_log2, self.threshold),
+                *head,
                 struct.pack(">I", len(self.header)),
                 self.header,
                 struct.pack(">H", len(self.wrapped)),
@@ -228,10 +272,18 @@ class _Params:
         try:
             if blob[:4] != MAGIC:
                 raise ValueError("bad magic")
-            version, cl, ch, thr = struct.unpack_from(">BBBQ", blob, 4)
-            if version != PARAMS_VERSION:
+            version = blob[4] if len(blob) > 4 else None
+            if version == 1:
+                _, cl, ch, thr = struct.unpack_from(">BBBQ", blob, 4)
+                final, plain_size, covered = 1, None, None
+                pos = 4 + 11
+            elif version == PARAMS_VERSION:
+                _, final, cl, ch, thr, plain_size, covered = struct.unpack_from(">BBBBQQQ", blob, 4)
+                if final not in (0, 1):
+                    raise ValueError(f"final flag {final}")
+                pos = 4 + 28
+            else:
                 raise ValueError(f"version {version}")
-            pos = 4 + 11
             (hl,) = struct.unpack_from(">I", blob, pos)
             header = blob[pos + 4 : pos + 4 + hl]
             pos += 4 + hl
@@ -245,14 +297,15 @@ class _Params:
             cps = blob[pos:]
             if len(header) != hl or len(wrapped) != wl or len(mdc) != 20 or len(cps) != count * BLOCK:
                 raise ValueError("truncated")
-        except (ValueError, struct.error) as e:
+        except (ValueError, struct.error, IndexError) as e:
             raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
-        return cls(cl, ch, thr, header, wrapped, mdc, cps)
+        return cls(cl, ch, thr, header, wrapped, mdc, cps, plain_size=plain_size, covered=covered,
+                   final=bool(final), version=version)
 
 
 class _OpenPGPEncryptor(Encryptor):
     def __init__(self, layout: Layout, header: bytes, key: bytes, prefix: bytes, wrapped: bytes, cp_log2: int,
-                 chunk_log2: int, threshold: int):
+                 chunk_log2: int, threshold: int, resumed: _Params | None = None):
         self._L = layout
         self._header = header
         self._prefix = prefix
@@ -273,6 +326,8 @@ class _OpenPGPEncryptor(Encryptor):
         self._params: bytes | None = None
         self._buf = bytearray()
         self._pool: ThreadPoolExecutor | None = None
+        # A pass resumed from version 1 final params ends with the same version 1 blob.
+        self._final_version = resumed.version if resumed is not None and resumed.final else PARAMS_VERSION
 
     def _drain(self) -> None:
         if self._pool is not None:
@@ -356,7 +411,7 @@ class _OpenPGPEncryptor(Encryptor):
         assert self._opos == L.S and self._next_k == self._K + 1, (self._opos, L.S, self._next_k, self._K)
         self._params = _Params(
             self._cp_log2, self._chunk_log2, self._threshold, self._header, self._wrapped, self._mdc,
-            bytes(self._cps)
+            bytes(self._cps), plain_size=L.F, covered=L.S, final=True, version=self._final_version,
         ).encode()
         self._enc = None
         self._buf = bytearray()
@@ -368,9 +423,13 @@ class _OpenPGPEncryptor(Encryptor):
             pool.shutdown(wait=False)
 
     def params(self) -> bytes:
-        if self._params is None:
-            raise UsageError("OpenPGP encryptor: params() before finish()")
-        return self._params
+        """Final params after finish(); before it, partial params covering the stream octets returned so far."""
+        if self._params is not None:
+            return self._params
+        return _Params(
+            self._cp_log2, self._chunk_log2, self._threshold, self._header, self._wrapped, _NO_MDC,
+            bytes(self._cps), plain_size=self._L.F, covered=self._opos, final=False,
+        ).encode()
 
 
 class _OpenPGPStream:
@@ -378,6 +437,7 @@ class _OpenPGPStream:
 
     def __init__(self, p: _Params, layout: Layout, key: bytes, prefix: bytes, read_plain: ReadAt):
         self._p = p
+        self._covered = layout.S if p.final else p.covered
         self._L = layout
         self._key = key
         self._prefix = prefix
@@ -387,12 +447,22 @@ class _OpenPGPStream:
     def size(self) -> int:
         return self._L.S
 
+    @property
+    def covered(self) -> int:
+        """Stream octets [0, covered) can be read: all of them unless the params were partial."""
+        return self._covered
+
     def read(self, offset: int, size: int) -> bytes:
         L = self._L
         a = max(offset, 0)
         c = min(offset + max(size, 0), L.S)
         if a >= c:
             return b""
+        if c > self._covered:
+            raise FormatError(
+                f"partial OpenPGP stream parameters cover the first {self._covered} of {L.S} stream octets; "
+                f"cannot regenerate [{a}, {c})"
+            )
         k = a >> self._p.checkpoint_log2
         if k == 0:
             j0, iv = 0, _ZERO_IV
@@ -461,6 +531,8 @@ class OpenPGPCipher(Cipher):
         return self._layout(plain_size).S
 
     def new_file(self, plain_size: int, dataset_secret: bytes) -> Encryptor:
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
         session_key = os.urandom(SESSION_KEY_LEN)
         rnd = os.urandom(BLOCK)
         prefix = rnd + rnd[-2:]
@@ -472,21 +544,59 @@ class OpenPGPCipher(Cipher):
             self.partial_chunk_log2, self.partial_threshold,
         )
 
-    def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> RandomAccess:
+    def _unpack(self, params: bytes, plain_size: int, dataset_secret: bytes) -> tuple[_Params, Layout, bytes, bytes]:
+        """Check `params` against `plain_size` and unwrap: -> (params, layout, session key, prefix)."""
         p = _Params.decode(params)
+        if p.plain_size is not None and p.plain_size != plain_size:
+            raise FormatError(
+                f"OpenPGP stream parameters were made for a plaintext of {p.plain_size} bytes, not {plain_size} "
+                "(they belong to another version of the file)"
+            )
         try:
             layout = self._layout(plain_size, p.threshold, p.chunk_log2, len(p.header))
         except ValueError as e:
             raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
-        if len(p.checkpoints) != layout.checkpoint_count(p.checkpoint_log2) * BLOCK:
-            raise FormatError(
-                f"OpenPGP stream parameters do not fit a plaintext of {plain_size} bytes (checkpoint count)"
-            )
+        if not 4 <= p.checkpoint_log2 <= 40:
+            raise FormatError(f"bad OpenPGP stream parameters (checkpoint interval 2**{p.checkpoint_log2})")
+        full = layout.checkpoint_count(p.checkpoint_log2)
+        have = len(p.checkpoints) // BLOCK
+        if p.final:
+            if have != full or (p.covered is not None and p.covered != layout.S):
+                raise FormatError(
+                    f"OpenPGP stream parameters do not fit a plaintext of {plain_size} bytes (checkpoint count)"
+                )
+        elif p.covered >= layout.S or have > full or have < (max(p.covered, 1) - 1) >> p.checkpoint_log2:
+            raise FormatError(f"partial OpenPGP stream parameters are inconsistent (they cover {p.covered} octets)")
         secret = _secrets().unwrap(dataset_secret, p.wrapped, WRAP_CONTEXT + p.header)
         if len(secret) != SESSION_KEY_LEN + BLOCK:
             raise FormatError("OpenPGP stream parameters hold a wrapped secret of the wrong size")
         key, rnd = secret[:SESSION_KEY_LEN], secret[SESSION_KEY_LEN:]
-        return _OpenPGPStream(p, layout, key, rnd + rnd[-2:], read_plain)
+        return p, layout, key, rnd + rnd[-2:]
+
+    def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> RandomAccess:
+        """Random access to the stream; with partial params, to the octets they cover (see `covered`)."""
+        p, layout, key, prefix = self._unpack(params, plain_size, dataset_secret)
+        return _OpenPGPStream(p, layout, key, prefix, read_plain)
+
+    def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> Encryptor:
+        """The same pass again, from plaintext octet 0, with the session key, prefix and PKESKs in `params`.
+
+        Layout options (checkpoint interval, partial-length threshold and chunk)
+        come from `params`, not from this cipher, so the bytes are the same; the
+        resulting stream must still be stream_size(plain_size) long, i.e. the
+        recipients and options must give the same sizes (else UsageError).
+        """
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        p, layout, key, prefix = self._unpack(params, plain_size, dataset_secret)
+        if layout.S != self.stream_size(plain_size):
+            raise UsageError(
+                f"cannot resume this file: its stored OpenPGP stream is {layout.S} bytes, but this pack's "
+                f"recipients and options make {self.stream_size(plain_size)} (were the recipients changed?)"
+            )
+        return _OpenPGPEncryptor(
+            layout, p.header, key, prefix, p.wrapped, p.checkpoint_log2, p.chunk_log2, p.threshold, resumed=p
+        )
 
 
 def __getattr__(name: str):

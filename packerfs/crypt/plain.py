@@ -1,9 +1,14 @@
-"""The identity "cipher": the stored stream is the plaintext itself (--no-encryption)."""
+"""The identity "cipher": the stored stream is the plaintext itself (--no-encryption).
+
+Params are always b"" (there are no per-file secrets): partial and final
+params are the same and cover the whole stream; resume_file() needs nothing
+from them, so it cannot check the plaintext size or the dataset secret.
+"""
 
 from __future__ import annotations
 
 from packerfs.crypt.base import Cipher, Encryptor, ReadAt
-from packerfs.errors import SourceChanged
+from packerfs.errors import FormatError, SourceChanged
 
 __all__ = ["PlainCipher", "PlainEncryptor", "PlainStream"]
 
@@ -31,9 +36,7 @@ class PlainEncryptor(Encryptor):
         return b""
 
     def params(self) -> bytes:
-        if not self._done:
-            raise RuntimeError("params() before finish()")
-        return b""
+        return b""  # nothing to store; valid at any time
 
 
 class PlainStream:
@@ -74,4 +77,16 @@ class PlainCipher(Cipher):
         return PlainEncryptor(plain_size)
 
     def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> PlainStream:
+        _check_params(params)
         return PlainStream(plain_size, read_plain)
+
+    def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> PlainEncryptor:
+        _check_params(params)
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        return PlainEncryptor(plain_size)
+
+
+def _check_params(params: bytes) -> None:
+    if params:
+        raise FormatError("stream parameters of an encrypted file were given to the plain (unencrypted) cipher")

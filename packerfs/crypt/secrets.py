@@ -26,6 +26,13 @@ because:
 * a changed file is a new file version: a rescan calls Cipher.new_file() again,
   which draws fresh secrets (new file key and nonce for age, new session key for
   OpenPGP), so the new content is never published under the old keystream.
+* Cipher.resume_file() (continuing a file version after an interrupted scan,
+  when part of its stream is already in sealed bins) reuses the stored secrets
+  on purpose, so that the resumed pass reproduces the sealed bytes exactly. It
+  is only for the same file version: if the plaintext did change, the resumed
+  bytes of the sealed prefix differ from the sealed ones and fail their CIDs
+  (the caller compares them and falls back to new_file()), and the rest of the
+  stream occupies keystream positions that were never published before.
 
 Wrapped-blob format (version 1)::
 
