@@ -102,8 +102,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     engine = open_engine(args)
     try:
-        with progress("scanning", None) as advance:
-            report = engine.scan(skip_unreadable=args.skip_unreadable, advance=advance)
+        with progress("packing", None) as advance:
+            # New bins are written while the source is read; write() below adds any sealed earlier.
+            report = engine.scan(skip_unreadable=args.skip_unreadable, advance=advance, car_dir=args.output)
         bins = engine.bins()
         total = sum(b["car_size"] for b in bins)
         with progress("writing", total) as advance:

@@ -61,10 +61,14 @@ class Engine:
         skip_unreadable: bool = False,
         advance: Callable[[int], None] | None = None,
         on_seal: Callable[[dict], None] | None = None,
+        car_dir: str | None = None,
     ) -> ScanReport:
+        """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out."""
+        if car_dir is not None:
+            os.makedirs(car_dir, exist_ok=True)
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
-            skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal,
+            skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
         ).run()
 
     def reader(self) -> BinReader:

@@ -29,6 +29,7 @@ from packerfs.index.store import DIGEST, DIGESTS_PER_CHUNK, Index
 from packerfs.ipld.cid import RAW, cid_from_digest
 from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
 from packerfs.plan import costs
+from packerfs.pack.writer import car_name
 from packerfs.plan.layout import BinLayout
 from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem, walk
 
@@ -72,7 +73,10 @@ class Scan:
         skip_unreadable: bool = False,
         advance: Callable[[int], None] | None = None,
         on_seal: Callable[[dict], None] | None = None,
+        car_dir: str | None = None,
     ):
+        """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source)."""
+        self.car_dir = car_dir
         self.source = os.fsencode(os.path.abspath(source))
         self.index = index
         self.cipher = cipher
@@ -114,6 +118,9 @@ class Scan:
             log.warning("%s: %s", os.fsdecode(self.source + b"/" + p.path), p.reason)
         self.report.problems = problems
         self.report.bytes_total = total
+        set_total = getattr(self.advance, "set_total", None)
+        if set_total is not None:
+            set_total(total)
         self._save_state("scanning")
 
         seen: set[bytes] = set()
@@ -158,11 +165,14 @@ class Scan:
     def _new_bin(self) -> None:
         number = self.next_bin
         self.next_bin += 1
-        self.layout = self._fresh_layout(number)
+        sink = None
+        if self.car_dir is not None:
+            sink = open(os.path.join(self.car_dir, car_name(number) + ".partial"), "wb")
+        self.layout = self._fresh_layout(number, sink)
         self.index.clear_segments(number)
 
-    def _fresh_layout(self, number: int) -> BinLayout:
-        layout = BinLayout(number, self.bin_size, self.dataset, self.cipher.name, self.recipients)
+    def _fresh_layout(self, number: int, sink=None) -> BinLayout:
+        layout = BinLayout(number, self.bin_size, self.dataset, self.cipher.name, self.recipients, sink)
         root = layout.open_frame(b"", b"")
         layout.budget.add_link(root, len(manifest.DIRNAME))
         return layout
@@ -230,6 +240,13 @@ class Scan:
         self.pending_digests = []
         self.report.bins_sealed.append(layout.number)
         self.layout = None
+        if layout.sink is not None:
+            # The index commit above came first: a CAR under its final name is always a sealed bin's.
+            layout.sink.flush()
+            os.fsync(layout.sink.fileno())
+            layout.sink.close()
+            partial = layout.sink.name
+            os.replace(partial, partial[: -len(".partial")])
         log.info(
             "sealed bin %d: %d bytes (%.2f%% of %d), piece %s",
             layout.number, result["car_size"], 100 * result["car_size"] / self.bin_size, self.bin_size,

@@ -101,14 +101,21 @@ class Budget:
 class BinLayout:
     """Lays out one bin's CAR bytes as the scan produces them."""
 
-    def __init__(self, number: int, capacity: int, dataset: bytes, cipher_name: str, recipients: list[str]):
+    def __init__(
+        self, number: int, capacity: int, dataset: bytes, cipher_name: str, recipients: list[str], sink=None
+    ):
+        """`sink`, if given, is a binary file that receives the CAR bytes as they are laid out."""
         self.number = number
+        self.sink = sink
         self.dataset = dataset
         self.cipher_name = cipher_name
         self.recipients = recipients
         self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
         self.commp = CommP()
-        self.commp.write(car.placeholder_header(ROOT_CID_LEN))
+        placeholder = car.placeholder_header(ROOT_CID_LEN)
+        self.commp.write(placeholder)
+        if sink is not None:
+            sink.write(placeholder)
         self.offset = HEADER_LEN
         self.segments: list[tuple[int, list]] = []  # (end, [start, kind, ...]) not yet handed out
         self.run: list | None = None  # [start, "L", version, first_leaf, count]
@@ -126,6 +133,8 @@ class BinLayout:
 
     def _write(self, data: bytes) -> None:
         self.commp.write(data)
+        if self.sink is not None:
+            self.sink.write(data)
         self.offset += len(data)
         self.budget.emitted = self.offset
 
@@ -230,6 +239,10 @@ class BinLayout:
         assert len(header) == HEADER_LEN
         self.segments.insert(0, (HEADER_LEN, [0, "R", header]))
         self.commp.replace_prefix(header)
+        if self.sink is not None:
+            self.sink.seek(0)
+            self.sink.write(header)
+            self.sink.seek(0, 2)
         piece = self.commp.finish()
         if self.offset > self.budget.capacity:
             raise AssertionError(
