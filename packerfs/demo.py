@@ -1,40 +1,98 @@
-"""`packerfs demo`: the main job on a small generated data set, step by step."""
+"""`packerfs demo`: the main job on a small generated data set, step by step.
+
+Each step is the real command a user would type, run in this process, so the
+demo exercises exactly what the CLI does.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import tempfile
 
-from packerfs.piece import commp_file
+MiB = 1 << 20
 
 
-def _generate(path: str, size: int, seed: int) -> None:
-    rng = random.Random(seed)
-    with open(path, "wb") as out:
-        remaining = size
-        while remaining:
-            n = min(remaining, 1 << 20)
-            out.write(rng.randbytes(n))
-            remaining -= n
+def _generate(root: str) -> None:
+    rng = random.Random(1)
+    files = {
+        "reports/2024/q1.csv": 40_000,
+        "reports/2024/q2.csv": 52_000,
+        "reports/summary.txt": 900,
+        "images/scan-001.raw": 3 * MiB + 12345,
+        "images/scan-002.raw": 9 * MiB + 1,  # larger than a bin: split across CARs
+        "empty.txt": 0,
+    }
+    for name, size in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as out:
+            out.write(rng.randbytes(size))
+    os.makedirs(os.path.join(root, "empty-dir"), exist_ok=True)
+    os.symlink("reports/summary.txt", os.path.join(root, "latest-summary"))
+
+
+def _run(argv: list[str]) -> int:
+    from packerfs import cli
+
+    print(f"\n$ packerfs {shlex.join(argv)}", flush=True)
+    code = cli.main(argv)
+    if code not in (0,):
+        raise SystemExit(f"demo: step failed with exit code {code}")
+    return code
 
 
 def run_demo(workdir: str | None = None, keep: bool = False) -> int:
-    base = workdir or tempfile.mkdtemp(prefix="packerfs-demo-")
+    base = os.path.abspath(workdir or tempfile.mkdtemp(prefix="packerfs-demo-"))
     os.makedirs(base, exist_ok=True)
     try:
-        sample = os.path.join(base, "sample.bin")
-        _generate(sample, 3 * (1 << 20) + 12345, seed=1)
-        print(f"demo: generated {sample} ({os.path.getsize(sample)} bytes)")
-        print(f"demo: $ packerfs commp {sample}")
-        info = commp_file(sample)
-        print(f"  CommP CID:    {info.piece_cid}")
-        print(f"  Piece CID v2: {info.piece_cid_v2}")
-        print(f"  Piece size:   {info.piece_size}")
-        print(f"  Payload size: {info.payload_size}")
-        print("demo: done")
+        source = os.path.join(base, "data")
+        if not os.path.exists(source):
+            _generate(source)
+        print(f"demo: a small data set in {source} (one file larger than a bin)")
+        key = os.path.join(base, "key.txt")
+        if not os.path.exists(key):
+            _run(["keygen", "-o", key])
+        recipient = [line.split(": ", 1)[1] for line in open(key) if line.startswith("# public key: ")][0]
+        cars = os.path.join(base, "cars")
+        state = os.path.join(base, "state")
+        _run(["pack", source, cars, "--recipient", recipient, "--bin-size", "4MiB", "-t", state])
+        print("\n$ cat " + os.path.join(cars, "manifest.csv"))
+        with open(os.path.join(cars, "manifest.csv")) as f:
+            print(f.read(), end="")
+        if _has_unpack():
+            _run(["verify", cars])
+            restored = os.path.join(base, "restored")
+            _run(["unpack", cars, restored, "--identity", key])
+            same = _same_tree(source, restored)
+            print(f"\ndemo: restored tree {'matches' if same else 'DIFFERS FROM'} the original")
+            if not same:
+                return 1
+        print(f"demo: done; files are in {base}" if keep or workdir else "demo: done")
     finally:
         if not keep and workdir is None:
             shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def _has_unpack() -> bool:
+    from packerfs import cli
+
+    return hasattr(cli, "cmd_unpack")
+
+
+def _same_tree(a: str, b: str) -> bool:
+    import filecmp
+
+    def walk(x: str, y: str) -> bool:
+        cmp = filecmp.dircmp(x, y)
+        if cmp.left_only or cmp.right_only or cmp.funny_files:
+            return False
+        _, mismatch, errors = filecmp.cmpfiles(x, y, cmp.common_files, shallow=False)
+        if mismatch or errors:
+            return False
+        return all(walk(os.path.join(x, d), os.path.join(y, d)) for d in cmp.common_dirs)
+
+    return walk(a, b)

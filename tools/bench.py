@@ -4,6 +4,7 @@ because absolute times on shared machines are noisy.
 
     python tools/bench.py commp [--size 1GiB]
     python tools/bench.py crypt [--size 512MiB]
+    python tools/bench.py pack [--size 2GiB | --files 100000]
 """
 
 import importlib
@@ -13,6 +14,7 @@ from pathlib import Path
 SUITES = {
     "commp": "bench_commp",
     "crypt": "bench_crypt",
+    "pack": "bench_pack",
 }
 
 
