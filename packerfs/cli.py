@@ -171,6 +171,111 @@ def _print_pack_summary(result: dict) -> None:
         console.print(f"[yellow]skipped:[/] {skip['path']}: {skip['reason']}")
 
 
+def _open_carset(args: argparse.Namespace):
+    from packerfs.unpack import CarSet
+
+    return CarSet.open(args.cars, dataset=bytes.fromhex(args.dataset) if args.dataset else None)
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from packerfs.crypt import KeyRing
+    from packerfs.unpack import restore
+
+    keyring = KeyRing(args.identity or (), args.gpg_homedir)
+    carset = _open_carset(args)
+    try:
+        total = sum(e.size for e in carset.tree() if e.kind == "file" and e.complete)
+        with progress("unpacking", total) as advance:
+            report = restore(carset, args.output, keyring, force=args.force, progress=advance)
+    finally:
+        carset.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "output": os.path.abspath(args.output),
+                    "files": report.files,
+                    "dirs": report.dirs,
+                    "symlinks": report.symlinks,
+                    "bytes": report.bytes,
+                    "complete": report.complete,
+                    "missing_bins": report.missing_bins,
+                    "incomplete": [os.fsdecode(e.path) for e in report.incomplete],
+                    "problems": report.lines()[1:],
+                },
+                indent=1,
+            )
+        )
+    else:
+        for line in report.lines():
+            print(line, file=sys.stdout if line is report.lines()[0] else sys.stderr)
+    return report.exit_code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from packerfs.unpack import verify
+
+    carset = _open_carset(args)
+    csv_path = args.manifest
+    if csv_path is None and os.path.isdir(args.cars[0]):
+        candidate = os.path.join(args.cars[0], "manifest.csv")
+        csv_path = candidate if os.path.exists(candidate) else None
+    try:
+        size = sum(car.size for car in carset.cars)
+        with progress("verifying", size) as advance:
+            report = verify(carset, csv_path, progress=advance)
+    finally:
+        carset.close()
+    if args.json:
+        print(json.dumps({"ok": report.ok, "cars": report.cars, "blocks": report.blocks, "problems": report.problems}, indent=1))
+    else:
+        lines = report.lines()
+        print(lines[0])
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+    return 0 if report.ok else EXIT_ERROR
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from packerfs.unpack import ls
+
+    carset = _open_carset(args)
+    try:
+        rows = ls(carset)
+    finally:
+        carset.close()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "path": os.fsdecode(r.path),
+                        "kind": r.kind,
+                        "size": r.size,
+                        "parts": r.parts,
+                        "bins": list(r.bins),
+                        "complete": r.complete,
+                        **({"target": os.fsdecode(r.target)} if r.kind == "symlink" else {}),
+                    }
+                    for r in rows
+                ],
+                indent=1,
+            )
+        )
+        return 0
+    for r in rows:
+        bins = ",".join(str(b) for b in r.bins)
+        extra = f" -> {os.fsdecode(r.target)}" if r.kind == "symlink" else ""
+        flag = "" if r.complete else "  (incomplete)"
+        parts = f"{r.parts} part{'s' if r.parts != 1 else ''}" if r.kind == "file" else ""
+        print(f"{r.kind:7} {r.size:>14,} {parts:>9}  bin {bins:<12} {os.fsdecode(r.path) or '.'}{extra}{flag}")
+    return 0
+
+
+def add_carset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from packerfs.index import Index
     from packerfs.pack import default_state_dir
@@ -272,6 +377,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_pack)
 
+    p = commands.add_parser(
+        "unpack",
+        help="restore the original tree from retrieved CAR files",
+        description="Read the CAR files in CARS (a directory, or files), check every block against its CID, "
+        "reassemble split files, decrypt them and restore the tree (contents, modes, mtimes, symlinks, empty "
+        "directories) into OUT. Files are written under a temporary name and renamed only once fully verified. "
+        "If bins are missing, every complete file is still restored, the incomplete ones are listed, and the "
+        "exit code is 3. Existing files are never overwritten without --force.",
+        epilog=EPILOG,
+    )
+    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("-i", "--identity", action="append", metavar="FILE", help="age identity or OpenSSH private key (repeatable)")
+    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home with the secret key (default: gpg's own)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files in OUT")
+    p.add_argument("--json", action="store_true")
+    add_carset_options(p)
+    p.set_defaults(func=cmd_unpack)
+
+    p = commands.add_parser(
+        "verify",
+        help="check every block, the manifests and the piece CIDs of CAR files",
+        description="Read every block of every CAR in CARS and check it against its CID; check the manifests "
+        "agree (every part present, sizes add up); and, with manifest.csv (found in CARS or given), check each "
+        "CAR's size, payload CID and commP. Exit 1 if anything is wrong, with one line per problem.",
+        epilog=EPILOG,
+    )
+    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("--manifest", metavar="CSV", help="manifest.csv to check piece CIDs against (default: CARS/manifest.csv)")
+    p.add_argument("--json", action="store_true")
+    add_carset_options(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser(
+        "ls",
+        help="list the files in CAR files with sizes, parts and bins",
+        description="List what a set of CARs holds: every path with its kind, size, number of parts and the bins "
+        "they are in; files with parts in missing bins are marked incomplete.",
+    )
+    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("--json", action="store_true")
+    add_carset_options(p)
+    p.set_defaults(func=cmd_ls)
+
     p = commands.add_parser("status", help="show the state of a scan", description="Show a state directory's scan state.")
     p.add_argument("source", metavar="SRC", nargs="?", default=".")
     p.add_argument("-t", "--temp", metavar="STATE")
@@ -312,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("packerfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`packerfs ls | head`): not an error worth a message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # Environment failures (full disk, permissions) are not bugs: one line, no traceback.
         where = f"{exc.filename}: " if exc.filename else ""

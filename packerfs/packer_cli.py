@@ -83,12 +83,13 @@ def translate(args: argparse.Namespace) -> list[str]:
             argv += ["--gpg-recipient", key[4:]]
         else:
             argv += ["--recipient", key]
+        if args.tmp:
+            argv += ["-t", args.tmp]
     else:
+        # unpack needs no state directory: -t is accepted for compatibility and not used
         argv = ["unpack", args.source, args.output]
         if key is not None and key != "gpg" and not key.startswith("gpg:"):
             argv += ["--identity", key]
-    if args.tmp:
-        argv += ["-t", args.tmp]
     return argv
 
 

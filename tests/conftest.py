@@ -85,3 +85,39 @@ def make_small_tree(root: Path) -> Path:
     os.symlink("../a.txt", root / "sub" / "link")
     os.symlink("/nonexistent/target", root / "dangling")
     return root
+
+
+@pytest.fixture(scope="session")
+def gpg_rsa_key(tmp_path_factory):
+    """RSA-4096 primary with an RSA-4096 [E] subkey, in its own gpg home."""
+    from gpgkeys import GPG, kill_agent, make_key, new_home
+
+    if GPG is None:
+        pytest.fail("gpg is not installed; ./run setup installs it")
+    home = new_home(tmp_path_factory, "gpg-rsa")
+    fpr, sub = make_key(home, "RSA Test <rsa@packerfs.test>", "rsa4096", "rsa4096")
+    yield {"home": home, "fpr": fpr, "sub": sub, "uid": "rsa@packerfs.test"}
+    kill_agent(home)
+
+
+@pytest.fixture(scope="session")
+def gpg_ed_key(tmp_path_factory):
+    """ed25519 primary with a cv25519 [E] subkey."""
+    from gpgkeys import GPG, kill_agent, make_key, new_home
+
+    if GPG is None:
+        pytest.fail("gpg is not installed; ./run setup installs it")
+    home = new_home(tmp_path_factory, "gpg-ed")
+    fpr, sub = make_key(home, "Ed Test <ed@packerfs.test>", "ed25519", "cv25519")
+    yield {"home": home, "fpr": fpr, "sub": sub, "uid": "ed@packerfs.test"}
+    kill_agent(home)
+
+
+@pytest.fixture(scope="session")
+def ssh_rsa_key(tmp_path_factory) -> Path:
+    """An unencrypted OpenSSH RSA-4096 key pair (path; path.pub beside it)."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.fail("ssh-keygen is not installed; ./run setup installs openssh-client")
+    path = tmp_path_factory.mktemp("ssh-rsa") / "id_rsa"
+    run_tool("ssh-keygen", "-q", "-t", "rsa", "-b", "4096", "-N", "", "-C", "test@packerfs", "-f", path, check=True)
+    return path

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpgkeys import fingerprints, gpg, kill_agent, make_key, new_home
 from packerfs.crypt import secrets
 from packerfs.crypt.openpgp import (
     PARTIAL_CHUNK_LOG2,
@@ -64,15 +65,6 @@ def data_of(n: int, seed: int = 0) -> bytes:
     return random.Random(seed * 1_000_003 + n).randbytes(n)
 
 
-def gpg(home: str, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [GPG, "--homedir", home, "--batch", "--pinentry-mode", "loopback", "--passphrase", "", *args],
-        input=input,
-        capture_output=True,
-        check=check,
-    )
-
-
 def gpg_decrypt(home: str, blob: bytes) -> bytes:
     r = gpg(home, "--decrypt", input=blob, check=False)
     assert r.returncode == 0, r.stderr.decode()
@@ -86,48 +78,17 @@ def encrypt(cipher: OpenPGPCipher, data: bytes, step: int = 100_003) -> tuple[by
     return b"".join(out), enc.params()
 
 
-def new_home(tmp_path_factory, name: str) -> str:
-    home = str(tmp_path_factory.mktemp(name))
-    os.chmod(home, 0o700)
-    return home
-
-
-def make_key(home: str, uid: str, primary: str, sub: str | None, sub_expire: str = "never") -> tuple[str, str | None]:
-    gpg(home, "--quick-gen-key", uid, primary, "sign", "never")
-    fpr = fingerprints(home, uid)[0]
-    if sub is not None:
-        gpg(home, "--quick-add-key", fpr, sub, "encr", sub_expire)
-    fprs = fingerprints(home, uid)
-    return fpr, (fprs[1] if len(fprs) > 1 else None)
-
-
-def fingerprints(home: str, rid: str) -> list[str]:
-    """Primary then subkey fingerprints of one key."""
-    out = gpg(home, "--with-colons", "--list-keys", rid).stdout.decode()
-    return [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")]
-
-
-def kill_agent(home: str) -> None:
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], capture_output=True)
-
-
 # --- keys (made once) ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def rsa_key(tmp_path_factory):
-    home = new_home(tmp_path_factory, "gpg-rsa")
-    fpr, sub = make_key(home, "RSA Test <rsa@packerfs.test>", "rsa4096", "rsa4096")
-    yield {"home": home, "fpr": fpr, "sub": sub, "uid": "rsa@packerfs.test"}
-    kill_agent(home)
+def rsa_key(gpg_rsa_key):
+    return gpg_rsa_key
 
 
 @pytest.fixture(scope="session")
-def ed_key(tmp_path_factory):
-    home = new_home(tmp_path_factory, "gpg-ed")
-    fpr, sub = make_key(home, "Ed Test <ed@packerfs.test>", "ed25519", "cv25519")
-    yield {"home": home, "fpr": fpr, "sub": sub, "uid": "ed@packerfs.test"}
-    kill_agent(home)
+def ed_key(gpg_ed_key):
+    return gpg_ed_key
 
 
 @pytest.fixture(scope="session")

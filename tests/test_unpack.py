@@ -170,9 +170,16 @@ def age_pack(work):
     return {"src": src, "cars": cars, "keyring": KeyRing([str(key)]), "key": key}
 
 
-@pytest.fixture(params=["plain", "age"])
-def any_pack(request, plain_pack, age_pack):
-    return plain_pack if request.param == "plain" else age_pack
+@pytest.fixture(scope="module")
+def ssh_rsa_pack(work, ssh_rsa_key):
+    root, src = work
+    cars = pack(src, root / "ssh-rsa", make_cipher([str(ssh_rsa_key) + ".pub"]))
+    return {"src": src, "cars": cars, "keyring": KeyRing([str(ssh_rsa_key)])}
+
+
+@pytest.fixture(params=["plain", "age", "age-ssh-rsa-4096"])
+def any_pack(request):
+    return request.getfixturevalue({"plain": "plain_pack", "age": "age_pack", "age-ssh-rsa-4096": "ssh_rsa_pack"}[request.param])
 
 
 # ---------------------------------------------------------------- round trips
@@ -235,27 +242,10 @@ def test_ipfs_car_lists_unpacked_names(plain_pack):
 GPG = shutil.which("gpg")
 
 
-def _gpg(home: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [GPG, "--homedir", home, "--batch", "--pinentry-mode", "loopback", "--passphrase", "", *args],
-        capture_output=True,
-        check=True,
-    )
-
-
-@pytest.fixture(scope="module")
-def gpg_key(tmp_path_factory):
-    if GPG is None:
-        pytest.skip("gpg is not installed")
-    home = str(tmp_path_factory.mktemp("gpg-home"))
-    os.chmod(home, 0o700)
-    uid = "Unpack Test <unpack@packerfs.test>"
-    _gpg(home, "--quick-gen-key", uid, "ed25519", "sign", "never")
-    out = _gpg(home, "--with-colons", "--list-keys", uid).stdout.decode()
-    fpr = [ln.split(":")[9] for ln in out.splitlines() if ln.startswith("fpr:")][0]
-    _gpg(home, "--quick-add-key", fpr, "cv25519", "encr", "never")
-    yield home, fpr
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], capture_output=True)
+@pytest.fixture(scope="module", params=["rsa4096", "cv25519"])
+def gpg_key(request, gpg_rsa_key, gpg_ed_key):
+    key = gpg_rsa_key if request.param == "rsa4096" else gpg_ed_key
+    return key["home"], key["fpr"]
 
 
 def test_openpgp_round_trip(gpg_key, tmp_path):
