@@ -8,7 +8,7 @@ big-endian so LMDB's byte order is numeric order):
             b"scan"     -> progress: resume point, totals, state
             b"dataset"  -> the data set's 16-byte id
   files     u64 version -> file record (path, kind, fingerprint, sizes,
-                            stream params); versions only ever grow
+                            stream params; RECORD_FIELDS order); versions only grow
   paths     path_key(path) -> u64 version of the newest record for that path
   digests   u64 version ‖ u32 chunk -> concatenated sha2-256 digests of the
                             stream's leaves [chunk*1024, chunk*1024+1024)
@@ -58,6 +58,27 @@ def path_key(path: bytes) -> bytes:
     if len(path) < 480:
         return b"/" + path
     return b"#" + hashlib.sha256(path).digest()
+
+
+# File records are stored as CBOR arrays in this field order (a map would spend
+# ~100 bytes per file on key names); absent optional fields are trailing.
+RECORD_FIELDS = (
+    "path", "kind", "mode", "mtime_ns", "size", "fp", "target", "bins", "complete",
+    "stream_size", "parts", "leaves_sealed", "params",
+)
+
+
+def pack_record(record: dict) -> bytes:
+    values = [record.get(name) for name in RECORD_FIELDS]
+    while values and values[-1] is None:
+        values.pop()
+    return cbor.encode(values)
+
+
+def unpack_record(data: bytes) -> dict:
+    values = cbor.decode(bytes(data))
+    record = dict(zip(RECORD_FIELDS, values))
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def pack(value) -> bytes:
@@ -124,7 +145,7 @@ class Index:
             raw = txn.get(u64(version), db=self.files)
         if raw is None:
             raise PackerfsError(f"index has no file version {version}")
-        return unpack(raw)
+        return unpack_record(raw)
 
     def latest_version(self, path: bytes) -> int | None:
         with self.env.begin() as txn:
@@ -220,7 +241,7 @@ class Index:
         """Write one consistent step (a sealed bin and everything it needs) atomically."""
         with self.env.begin(write=True) as txn:
             for version, record in files:
-                txn.put(u64(version), pack(record), db=self.files)
+                txn.put(u64(version), pack_record(record), db=self.files)
             for path, version in paths:
                 txn.put(path_key(path), u64(version), db=self.paths)
             for (version, chunk), data in digests:

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import os
 import threading
+import zlib
 from typing import Iterator
 
 from packerfs.crypt.base import Cipher, RandomAccess
@@ -126,8 +127,8 @@ class BinReader:
         kind = record[0]
         if kind == "R":
             return record[1][lo - start : hi - start]
-        if kind == "S":
-            section = self._verified_section(number, start, record[1])
+        if kind in ("S", "Z"):
+            section = self._verified_section(number, start, record[1], compressed=kind == "Z")
             return section[lo - start : hi - start]
         if kind == "N":
             section = self._file_node_section(number, start, *record[1:])
@@ -136,10 +137,11 @@ class BinReader:
             return self._leaf_run_bytes(start, record[1], record[2], record[3], lo, hi)
         raise PackerfsError(f"bin {number}: unknown segment kind {kind!r} at offset {start}")
 
-    def _verified_section(self, number: int, start: int, section: bytes) -> bytes:
+    def _verified_section(self, number: int, start: int, stored: bytes, compressed: bool) -> bytes:
         cached = self.nodes.get((number, start))
         if cached is not None:
             return cached
+        section = zlib.decompress(stored) if compressed else stored
         _, pos = decode_uvarint(section)
         cid, data_pos = read_cid(section, pos)
         if not block_matches(cid, memoryview(section)[data_pos:]):

@@ -123,6 +123,15 @@ class Scan:
             set_total(total)
         self._save_state("scanning")
 
+        try:
+            self._scan_all()
+        finally:
+            if self.layout is not None:
+                self.layout.abandon()
+                self.layout = None
+        return self.report
+
+    def _scan_all(self) -> None:
         seen: set[bytes] = set()
         for entry in walk(self.source, []):
             if entry.path == manifest.DIRNAME:
@@ -140,7 +149,6 @@ class Scan:
             self._seal()
         self._flag_stale(seen)
         self._save_state("ready")
-        return self.report
 
     def _handle(self, entry: Entry) -> None:
         version = self.index.latest_version(entry.path)
@@ -167,12 +175,14 @@ class Scan:
         self.next_bin += 1
         sink = None
         if self.car_dir is not None:
-            sink = open(os.path.join(self.car_dir, car_name(number) + ".partial"), "wb")
+            sink = SyncingFile(os.path.join(self.car_dir, car_name(number) + ".partial"))
         self.layout = self._fresh_layout(number, sink)
         self.index.clear_segments(number)
 
-    def _fresh_layout(self, number: int, sink=None) -> BinLayout:
-        layout = BinLayout(number, self.bin_size, self.dataset, self.cipher.name, self.recipients, sink)
+    def _fresh_layout(self, number: int, sink=None, *, hashing: bool = True) -> BinLayout:
+        layout = BinLayout(
+            number, self.bin_size, self.dataset, self.cipher.name, self.recipients, sink, hashing=hashing
+        )
         root = layout.open_frame(b"", b"")
         layout.budget.add_link(root, len(manifest.DIRNAME))
         return layout
@@ -242,8 +252,6 @@ class Scan:
         self.layout = None
         if layout.sink is not None:
             # The index commit above came first: a CAR under its final name is always a sealed bin's.
-            layout.sink.flush()
-            os.fsync(layout.sink.fileno())
             layout.sink.close()
             partial = layout.sink.name
             os.replace(partial, partial[: -len(".partial")])
@@ -292,6 +300,8 @@ class Scan:
             self._ensure_room(cost, entry.path)
             self.layout.open_frame(entry.path, entry.name)
             self._add_dir_entry(self.layout, entry)
+        # A new or changed directory is data worth a bin of its own, even with nothing else in it.
+        self.layout.is_empty = False
         version, record = self._new_record(entry)
         record["bins"].append(self.layout.number)
         self.pending_files[version] = record
@@ -334,7 +344,7 @@ class Scan:
             first = self.layout.budget.max_leaves(name_bound, bound, stream_size)
             if first >= leaves:
                 return False, [leaves]  # fits whole: the common case, no simulation needed
-        fresh = self._fresh_layout(0)
+        fresh = self._fresh_layout(0, hashing=False)
         self._sync_frames(fresh, self._chain())
         per_bin = fresh.budget.max_leaves(name_bound, bound, stream_size)
         if per_bin == 0:
@@ -404,7 +414,21 @@ class Scan:
             fd = os.open(full_path, os.O_RDONLY)
         except OSError as exc:
             raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
-        pending = bytearray()
+        leaf = bytearray(CHUNK_SIZE)  # filled from the encryptor's output, then copied out once
+        filled = 0
+
+        def cut(data: bytes) -> Iterator[bytes]:
+            nonlocal filled
+            view = memoryview(data)
+            while view:
+                take = min(len(view), CHUNK_SIZE - filled)
+                leaf[filled : filled + take] = view[:take]
+                filled += take
+                view = view[take:]
+                if filled == CHUNK_SIZE:
+                    filled = 0
+                    yield bytes(leaf)
+
         try:
             remaining = entry.size
             while remaining:
@@ -417,21 +441,16 @@ class Scan:
                 remaining -= len(data)
                 self.report.bytes_read += len(data)
                 self.advance(len(data))
-                pending += encryptor.update(data)
-                while len(pending) >= CHUNK_SIZE:
-                    yield bytes(pending[:CHUNK_SIZE])
-                    del pending[:CHUNK_SIZE]
-            pending += encryptor.finish()
+                yield from cut(encryptor.update(data))
+            tail = encryptor.finish()
             now = os.fstat(fd)
             if (now.st_size, now.st_mtime_ns) != (entry.size, entry.mtime_ns):
                 raise SourceChanged(f"{os.fsdecode(full_path)}: file changed while being read; run again to resume")
         finally:
             os.close(fd)
-        while len(pending) >= CHUNK_SIZE:
-            yield bytes(pending[:CHUNK_SIZE])
-            del pending[:CHUNK_SIZE]
-        if pending or self.cipher.stream_size(entry.size) == 0:
-            yield bytes(pending)  # the short last leaf, or the one empty leaf of an empty stream
+        yield from cut(tail)
+        if filled or self.cipher.stream_size(entry.size) == 0:
+            yield bytes(leaf[:filled])  # the short last leaf, or the one empty leaf of an empty stream
 
     def _lay_out(self, entry: Entry, version: int, record: dict, encryptor, leaves: Iterator[bytes], first_leaf: int) -> None:
         """Emit leaves `first_leaf`… into bins part by part, sealing between parts."""
@@ -530,6 +549,42 @@ class Scan:
         if self.stale_bins:
             self.index.mark_stale(sorted(self.stale_bins))
         self.report.stale_bins = sorted(self.stale_bins)
+
+
+class SyncingFile:
+    """A CAR being written during the scan: flushed to disk as it grows, fsynced when closed.
+
+    Syncing every SYNC_EVERY bytes (on the writer thread) keeps the disk busy
+    while the scan computes, instead of leaving gigabytes of dirty pages for
+    one long fsync at the end.
+    """
+
+    SYNC_EVERY = 64 << 20
+
+    def __init__(self, path: str):
+        self.name = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.unsynced = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.unsynced += len(data)
+        if self.unsynced >= self.SYNC_EVERY:
+            os.fdatasync(self.fd)
+            self.unsynced = 0
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def _is_ancestor(dir_path: bytes, path: bytes) -> bool:

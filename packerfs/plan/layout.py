@@ -8,6 +8,8 @@ segments that let BinReader regenerate any byte range later:
   ["R", bytes]                         literal bytes (the CAR header)
   ["S", section]                       a stored section (prefix + block); the
                                        block is checked against its CID on read
+  ["Z", compressed]                    the same, zlib-compressed (manifests and
+                                       directories repeat themselves)
   ["L", version, first_leaf, count]    consecutive raw-leaf sections of a
                                        file version's stream
   ["N", version, first_leaf, count, cid]  a level-1 file node over those
@@ -20,6 +22,9 @@ root, is fixed up at the end by recomputing commP's leftmost path.
 
 from __future__ import annotations
 
+import os
+import zlib
+
 from dataclasses import dataclass, field
 
 from packerfs import manifest
@@ -27,6 +32,7 @@ from packerfs.ipld import car
 from packerfs.ipld.unixfs import CHUNK_SIZE, Entry, FileBuilder, FileNodeBlock, directory_blocks, raw_leaf
 from packerfs.ipld.cid import cid_to_str
 from packerfs.piece import CommP
+from packerfs.pipeline import Pipe
 from packerfs.plan import costs
 
 ROOT_CID_LEN = 36
@@ -102,20 +108,36 @@ class BinLayout:
     """Lays out one bin's CAR bytes as the scan produces them."""
 
     def __init__(
-        self, number: int, capacity: int, dataset: bytes, cipher_name: str, recipients: list[str], sink=None
+        self,
+        number: int,
+        capacity: int,
+        dataset: bytes,
+        cipher_name: str,
+        recipients: list[str],
+        sink=None,
+        *,
+        hashing: bool = True,
     ):
-        """`sink`, if given, is a binary file that receives the CAR bytes as they are laid out."""
+        """`sink`, if given, receives the CAR bytes as they are laid out (write, pwrite, close, name).
+
+        hashing=False makes a layout for planning only: it keeps the budget and
+        emits nothing (no commP, no threads).
+        """
         self.number = number
         self.sink = sink
         self.dataset = dataset
         self.cipher_name = cipher_name
         self.recipients = recipients
         self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
-        self.commp = CommP()
-        placeholder = car.placeholder_header(ROOT_CID_LEN)
-        self.commp.write(placeholder)
-        if sink is not None:
-            sink.write(placeholder)
+        # commP and the file sink each consume the byte stream on their own thread.
+        self.commp = CommP() if hashing else None
+        self.outputs = []
+        if hashing:
+            self.outputs.append(Pipe(self.commp.write, name=f"commp-{number}"))
+            if sink is not None:
+                self.outputs.append(Pipe(sink.write, name=f"car-{number}"))
+        for output in self.outputs:
+            output.put(car.placeholder_header(ROOT_CID_LEN))
         self.offset = HEADER_LEN
         self.segments: list[tuple[int, list]] = []  # (end, [start, kind, ...]) not yet handed out
         self.run: list | None = None  # [start, "L", version, first_leaf, count]
@@ -132,9 +154,8 @@ class BinLayout:
     # ------------------------------------------------------------ emitting
 
     def _write(self, data: bytes) -> None:
-        self.commp.write(data)
-        if self.sink is not None:
-            self.sink.write(data)
+        for output in self.outputs:
+            output.put(data)
         self.offset += len(data)
         self.budget.emitted = self.offset
 
@@ -148,7 +169,9 @@ class BinLayout:
         start = self.offset
         section = car.section_prefix(cid, len(block)) + block
         self._write(section)
-        self.segments.append((self.offset, [start, "S", section]))
+        packed = zlib.compress(section, 6)
+        record = [start, "Z", packed] if len(packed) < len(section) * 0.9 else [start, "S", section]
+        self.segments.append((self.offset, record))
 
     def emit_leaf(self, version: int, leaf_index: int, cid: bytes, data: bytes | memoryview) -> None:
         run = self.run
@@ -209,6 +232,26 @@ class BinLayout:
 
     # ------------------------------------------------------------ sealing
 
+    def abandon(self) -> None:
+        """Stop an unsealed bin after an error: its partial CAR is removed, never renamed."""
+        try:
+            self.close_outputs()
+        except Exception:
+            pass  # the error that made us abandon the bin is the one to report
+        if self.sink is not None:
+            self.sink.close()
+            os.unlink(self.sink.name)
+
+    def close_outputs(self) -> None:
+        """Wait for commP and the sink to take every byte, then stop their threads."""
+        try:
+            for output in self.outputs:
+                output.drain()
+        finally:
+            for output in self.outputs:
+                output.close()
+            self.outputs = []
+
     def seal(self) -> dict:
         """Finish the CAR: close directories, add the manifest and root, fix the header, finish commP."""
         self._close_run()
@@ -238,11 +281,10 @@ class BinLayout:
         header = car.header(root.cid)
         assert len(header) == HEADER_LEN
         self.segments.insert(0, (HEADER_LEN, [0, "R", header]))
+        self.close_outputs()
         self.commp.replace_prefix(header)
         if self.sink is not None:
-            self.sink.seek(0)
-            self.sink.write(header)
-            self.sink.seek(0, 2)
+            self.sink.pwrite(header, 0)
         piece = self.commp.finish()
         if self.offset > self.budget.capacity:
             raise AssertionError(
