@@ -14,13 +14,12 @@ so a copied CAR is byte-identical to a written one.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
-import threading
 import zlib
 from typing import Iterator
 
+from packerfs.cache import LRU
 from packerfs.crypt.base import Cipher, RandomAccess
 from packerfs.errors import PackerfsError, SourceChanged
 from packerfs.index.store import DIGEST, Index
@@ -31,30 +30,6 @@ from packerfs.plan import costs
 from packerfs.source.walk import Fingerprint
 
 FULL_LEAF_SECTION = costs.section_length(CHUNK_SIZE)
-
-
-class _LRU:
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.items: collections.OrderedDict = collections.OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        with self.lock:
-            self.items[key] = value
-            self.items.move_to_end(key)
-            while len(self.items) > self.capacity:
-                _, old = self.items.popitem(last=False)
-                closer = getattr(old, "close", None)
-                if closer is not None:
-                    closer()
 
 
 class _SourceFile:
@@ -87,10 +62,10 @@ class BinReader:
         self.source = os.fsencode(os.path.abspath(source))
         self.cipher = cipher
         self.secret = secret
-        self.leaves = _LRU(cache_leaves)  # (version, leaf) -> verified leaf section
-        self.nodes = _LRU(64)  # (bin, start) -> verified section bytes
-        self.files = _LRU(32)  # version -> (_SourceFile, stream)
-        self.records = _LRU(1024)
+        self.leaves = LRU(cache_leaves)  # (version, leaf) -> verified leaf section
+        self.nodes = LRU(64)  # (bin, start) -> verified section bytes
+        self.files = LRU(32, on_evict=lambda opened: opened.close())  # version -> _OpenStream
+        self.records = LRU(1024)
 
     # ---------------------------------------------------------------- API
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 from packerfs.errors import UsageError
+from packerfs.ipld.cid import encode_uvarint
 
 from . import _commp
 
@@ -79,20 +80,8 @@ def _size_error(size: int, *, growing: bool = False) -> PieceSizeError:
 # --- CIDs ----------------------------------------------------------------------------
 
 
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _cid_string(codec: int, mh_code: int, digest: bytes) -> str:
-    raw = _uvarint(1) + _uvarint(codec) + _uvarint(mh_code) + _uvarint(len(digest)) + digest
+    raw = encode_uvarint(1) + encode_uvarint(codec) + encode_uvarint(mh_code) + encode_uvarint(len(digest)) + digest
     return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
 
 
@@ -110,7 +99,7 @@ def piece_cid_v2(root: bytes, piece_size: int, payload_size: int) -> str:
     """FRC-0069 piece CID: digest = uvarint(padding) || height || root."""
     height = piece_size.bit_length() - 1 - 5  # leaves are 32 bytes
     padding = piece_size // 128 * 127 - payload_size
-    digest = _uvarint(padding) + bytes([height]) + bytes(root)
+    digest = encode_uvarint(padding) + bytes([height]) + bytes(root)
     return _cid_string(RAW, FR32_SHA256_TRUNC254_PADBINTREE, digest)
 
 

@@ -27,44 +27,14 @@ import bisect
 import errno
 import os
 import threading
-from collections import OrderedDict
 from typing import Callable, Iterator
 
+from packerfs.cache import LRU
 from packerfs.crypt import KeyRing, iter_plaintext, open_plaintext
 from packerfs.errors import FormatError, IncompleteSet
 from packerfs.unpack.carset import CarSet
 from packerfs.unpack.dag import FileDag, FileNode, decode_file_node
 from packerfs.unpack.tree import DIR, FILE, FileVersion, PartRef, TreeEntry, show
-
-
-class _LRU:
-    def __init__(self, limit: int, weigh: Callable[[object], int] = lambda v: 1):
-        self.limit = limit
-        self.weigh = weigh
-        self.used = 0
-        self.items: OrderedDict = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            value = self.items.get(key)
-            if value is not None:
-                self.items.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        weight = self.weigh(value)
-        if weight > self.limit:
-            return
-        with self.lock:
-            old = self.items.pop(key, None)
-            if old is not None:
-                self.used -= self.weigh(old)
-            self.items[key] = value
-            self.used += weight
-            while self.used > self.limit:
-                _, dropped = self.items.popitem(last=False)
-                self.used -= self.weigh(dropped)
 
 
 class _StreamView:
@@ -128,9 +98,9 @@ class FileReader:
         self.carset = carset
         self.tree = carset.tree()
         self._keyring = keyring
-        self._leaves = _LRU(leaf_cache_bytes, len)
-        self._nodes = _LRU(node_cache_entries)
-        self._plain = _LRU(open_files)
+        self._leaves = LRU(leaf_cache_bytes, weigh=len)
+        self._nodes = LRU(node_cache_entries)
+        self._plain = LRU(open_files)
         self._dag = FileDag(carset, self._leaf, self._node)
 
     # ------------------------------------------------------------ the tree
