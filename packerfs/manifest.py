@@ -72,17 +72,34 @@ _MAX_INT = 2**63 - 1
 _FAKE_CID = b"\x01\x70\x12\x20" + bytes(32)
 
 
-def entry_bound(kind: str, path: bytes, name: bytes = b"", target: bytes = b"") -> int:
-    """Bytes an entry can take at most, whatever its numbers and CID turn out to be."""
-    entry = {"path": path, "kind": kind, "mode": _MAX_INT, "mtime_ns": -_MAX_INT}
+def _worst_case(kind: str) -> dict:
+    entry = {"path": b"", "kind": kind, "mode": _MAX_INT, "mtime_ns": -_MAX_INT}
     if kind == "file":
         entry.update(
-            name=name, version=_MAX_INT, size=_MAX_INT, stream=_MAX_INT, part=_MAX_INT,
+            name=b"", version=_MAX_INT, size=_MAX_INT, stream=_MAX_INT, part=_MAX_INT,
             parts=_MAX_INT, offset=_MAX_INT, length=_MAX_INT, cid=_FAKE_CID,
         )
     elif kind == "symlink":
-        entry.update(target=target, cid=_FAKE_CID)
-    return len(encode_entry(entry))
+        entry.update(target=b"", cid=_FAKE_CID)
+    return entry
+
+
+# The encoding of the worst case with empty byte strings; each byte string adds its length and head.
+_BASE_BOUND = {kind: len(encode_entry(_worst_case(kind))) for kind in KINDS}
+
+
+def _bytes_growth(n: int) -> int:
+    return len(cbor.encode_head(2, n)) - 1 + n
+
+
+def entry_bound(kind: str, path: bytes, name: bytes = b"", target: bytes = b"") -> int:
+    """Bytes an entry can take at most, whatever its numbers and CID turn out to be."""
+    extra = _bytes_growth(len(path))
+    if kind == "file":
+        extra += _bytes_growth(len(name))
+    elif kind == "symlink":
+        extra += _bytes_growth(len(target))
+    return _BASE_BOUND[kind] + extra
 
 
 class ManifestError(ValueError):

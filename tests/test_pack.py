@@ -494,3 +494,19 @@ def test_source_changed_between_interruption_and_resume(tmp_path):
         with car.CarReader(car_path) as reader:
             cids.update(section.cid for section in reader.sections())
     assert all(make_cid(RAW, changed[i : i + MiB]) in cids for i in range(0, len(changed), MiB))
+
+
+@pytest.mark.parametrize("length", [0, 1, 23, 24, 255, 256, 65535, 65536])
+@pytest.mark.parametrize("kind", manifest_format.KINDS)
+def test_manifest_entry_bound_is_exact_for_the_worst_case(kind, length):
+    """The planner's bound equals the encoding of an entry with every number at its widest."""
+    text = b"x" * length
+    worst = manifest_format._worst_case(kind)
+    worst["path"] = text
+    if kind == "file":
+        worst["name"] = text
+    if kind == "symlink":
+        worst["target"] = text
+    name = text if kind == "file" else b""
+    target = text if kind == "symlink" else b""
+    assert len(manifest_format.encode_entry(worst)) == manifest_format.entry_bound(kind, text, name, target)

@@ -211,6 +211,10 @@ class Index:
             last = batch[-1][0]
             after = last[:4] + u64(struct.unpack(">Q", last[4:])[0] + 1)
 
+    def latest_versions_exist(self) -> bool:
+        with self.env.begin() as txn:
+            return txn.stat(self.paths)["entries"] > 0
+
     def latest_versions(self) -> list[int]:
         """The newest version of every path ever scanned."""
         with self.env.begin() as txn:

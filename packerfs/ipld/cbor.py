@@ -46,6 +46,22 @@ def _key_order(key: str) -> tuple[int, bytes]:
     return len(raw), raw
 
 
+# Records of one shape repeat by the million; their canonical key order and key
+# encodings are worked out once per shape.
+_KEY_ORDERS: dict[tuple, list[tuple[str, bytes]]] = {}
+
+
+def _sorted_keys(keys: tuple) -> list[tuple[str, bytes]]:
+    order = _KEY_ORDERS.get(keys)
+    if order is None:
+        if not all(isinstance(k, str) for k in keys):
+            raise CBORError("map keys must be strings")
+        order = [(k, _head(3, len(k.encode())) + k.encode()) for k in sorted(keys, key=_key_order)]
+        if len(_KEY_ORDERS) < 1024:
+            _KEY_ORDERS[keys] = order
+    return order
+
+
 def encode(value: Any) -> bytes:
     out = bytearray()
     _encode(value, out)
@@ -76,10 +92,8 @@ def _encode(value: Any, out: bytearray) -> None:
             _encode(item, out)
     elif isinstance(value, dict):
         out += _head(5, len(value))
-        for key in sorted(value, key=_key_order):
-            if not isinstance(key, str):
-                raise CBORError("map keys must be strings")
-            _encode(key, out)
+        for key, encoded_key in _sorted_keys(tuple(value)):
+            out += encoded_key
             _encode(value[key], out)
     else:
         raise CBORError(f"cannot encode {type(value).__name__}")

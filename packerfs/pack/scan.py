@@ -37,8 +37,9 @@ log = logging.getLogger("packerfs.scan")
 
 # ".part" + two numbers of up to 12 digits + "of"
 PART_SUFFIX_MAX = 5 + 12 + 2 + 12
-# Flush finished segments to the index every this many, so memory stays flat.
+# Flush finished segments and file records to the index every this many, so memory stays flat.
 SEGMENT_FLUSH = 4096
+PENDING_FLUSH = 2048
 
 
 def part_suffix(part: int, parts: int) -> bytes:
@@ -89,9 +90,13 @@ class Scan:
         self.recipients = list(cipher.recipients)
         self.layout: BinLayout | None = None
         self.ancestors: list[Entry] = []  # directories above the entry being handled (root first)
-        self.pending_files: dict[int, dict] = {}  # version -> record, committed at the next seal
+        # Records, paths and digests waiting to be written to the index. Finished
+        # ones are flushed in batches; a record only counts as packed once every
+        # bin it names is sealed, so flushing early never makes a lost bin look done.
+        self.pending_files: dict[int, dict] = {}
         self.pending_paths: dict[bytes, int] = {}
         self.pending_digests: list = []
+        self.index_is_new = not index.latest_versions_exist()
         self.report = ScanReport()
         self.stale_bins: set[int] = set()
         scan_state = index.get_meta(b"scan", {}) or {}
@@ -151,16 +156,21 @@ class Scan:
         self._save_state("ready")
 
     def _handle(self, entry: Entry) -> None:
-        version = self.index.latest_version(entry.path)
-        record = self.index.file(version) if version is not None else None
+        record = None
+        if not self.index_is_new:
+            version = self.index.latest_version(entry.path)
+            record = self.index.file(version) if version is not None else None
         same = record is not None and tuple(record["fp"]) == tuple(entry.fingerprint)
-        if same and record["complete"]:
+        sealed = record is not None and all(self.index.bin(b) is not None for b in record["bins"])
+        if same and record["complete"] and sealed:
             self.report.skipped += 1
             return
-        if record is not None and not same and record["kind"] != DIR and record["bins"]:
+        if record is not None and not same and record["kind"] != DIR:
             # A new version supersedes one already in sealed bins: those bins no longer match the source.
-            self.stale_bins.update(record["bins"])
-            self.report.stale_paths.append(entry.path)
+            sealed_bins = [b for b in record["bins"] if self.index.bin(b) is not None]
+            if sealed_bins:
+                self.stale_bins.update(sealed_bins)
+                self.report.stale_paths.append(entry.path)
         if entry.kind == DIR:
             self._place_dir(entry)
         elif entry.kind == SYMLINK:
@@ -231,12 +241,8 @@ class Scan:
     def _seal(self) -> None:
         layout = self.layout
         result = layout.seal()
-        result["versions"] = sorted(layout.versions)
         segments = layout.take_segments()
         files = list(self.pending_files.items())
-        for version, record in files:
-            if layout.number not in record["bins"] and version in layout.versions:
-                record["bins"].append(layout.number)
         self.index.commit(
             files=files,
             paths=list(self.pending_paths.items()),
@@ -261,6 +267,17 @@ class Scan:
             result["piece_cid"],
         )
         self.on_seal(result)
+
+    def _flush_finished(self) -> None:
+        """Write finished records and their digests now, so memory does not grow with a bin's file count."""
+        done = [(v, r) for v, r in self.pending_files.items() if r["complete"]]
+        if not done:
+            return
+        self.index.commit(files=done, paths=list(self.pending_paths.items()), digests=self.pending_digests)
+        for version, _ in done:
+            del self.pending_files[version]
+        self.pending_paths = {}
+        self.pending_digests = []
 
     def _flush_segments(self) -> None:
         if self.layout is not None:
@@ -458,6 +475,8 @@ class Scan:
         stream_size = record["stream_size"]
         self.pending_files[version] = record
         self.pending_paths[entry.path] = version
+        if len(self.pending_files) >= PENDING_FLUSH:
+            self._flush_finished()
         _, bound = self._name_bounds(entry)
         part, part_start = 0, 0
         while part_start < first_leaf:  # a continued file resumes at a part boundary
@@ -480,6 +499,8 @@ class Scan:
 
         for leaf in leaves:
             layout = self.layout
+            if leaf_index == part_start and layout.number not in record["bins"]:
+                record["bins"].append(layout.number)
             digest = hashlib.sha256(leaf).digest()
             digests += digest
             cid = cid_from_digest(RAW, digest)
