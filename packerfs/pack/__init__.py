@@ -13,7 +13,8 @@ from packerfs.errors import UsageError
 from packerfs.index import Index
 from packerfs.pack.reader import BinReader
 from packerfs.pack.scan import Scan, ScanReport
-from packerfs.pack.writer import car_name, write_car, write_manifests
+from packerfs.ipld import car
+from packerfs.pack.writer import already_written, car_name, write_car, write_manifests
 
 __all__ = ["Engine", "default_state_dir", "car_name"]
 
@@ -90,7 +91,7 @@ class Engine:
         for result in self.bins():
             path = os.path.join(out_dir, car_name(result["bin"]))
             if result["stale"]:
-                if os.path.exists(path) and os.path.getsize(path) == result["car_size"]:
+                if already_written(path, result["car_size"], car.header(result["root"])):
                     written.append(path)
                     listed.append(result)
                 continue

@@ -15,6 +15,7 @@ from typing import Callable
 
 from packerfs.errors import PackerfsError
 from packerfs.pack.reader import BinReader
+from packerfs.ipld import car
 
 CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "stale"]
 
@@ -26,8 +27,8 @@ def car_name(number: int) -> str:
 def write_car(reader: BinReader, number: int, out_dir: str, advance: Callable[[int], None] = lambda n: None) -> str:
     final = os.path.join(out_dir, car_name(number))
     expected = reader.size(number)
-    if os.path.exists(final) and os.path.getsize(final) == expected:
-        return final  # written by an earlier run; `verify` re-checks content
+    if already_written(final, expected, car.header(reader.index.bin(number)["root"])):
+        return final  # written by an earlier run (same size and root); `verify` re-checks content
     temp = final + ".partial"
     with open(temp, "wb") as out:
         for piece in reader.iter_bin(number):
@@ -41,6 +42,15 @@ def write_car(reader: BinReader, number: int, out_dir: str, advance: Callable[[i
         raise PackerfsError(f"{temp}: wrote {written} bytes, expected {expected}; nothing was renamed")
     os.replace(temp, final)
     return final
+
+
+def already_written(path: str, size: int, header: bytes) -> bool:
+    """A CAR of this size that names this root is this bin's (a crash never leaves one: see write_car)."""
+    try:
+        with open(path, "rb") as existing:
+            return os.fstat(existing.fileno()).st_size == size and existing.read(len(header)) == header
+    except FileNotFoundError:
+        return False
 
 
 def manifest_rows(bins: list[dict]) -> list[dict]:
