@@ -19,7 +19,8 @@ from packerfs.crypt import (
     write_age_identity,
 )
 from packerfs.crypt import secrets as psecrets
-from packerfs.crypt.age import AgeCipher, X25519Identity, decode_params, read_header
+from packerfs.crypt import age as agemod
+from packerfs.crypt.age import AgeCipher, X25519Identity, read_header
 from packerfs.errors import FormatError, KeyProblem, PackerfsError, UsageError
 
 HAVE_AGE = shutil.which("age") is not None and shutil.which("age-keygen") is not None
@@ -110,40 +111,77 @@ def test_dataset_secret_concurrent_creation_agrees(tmp_path):
 
 def test_wrap_unwrap():
     secret = os.urandom(32)
-    blob = psecrets.wrap(secret, b"file key material", b"ctx")
-    assert b"file key material" not in blob
-    assert psecrets.unwrap(secret, blob, b"ctx") == b"file key material"
-    assert psecrets.wrap(secret, b"x", b"ctx") != psecrets.wrap(secret, b"x", b"ctx")  # randomized
+    seed = os.urandom(32)
+    blob = psecrets.wrap(secret, seed, b"ctx")
+    assert len(blob) == psecrets.wrapped_size(32) == 49
+    assert seed not in blob and secret not in blob
+    assert psecrets.unwrap(secret, blob, b"ctx") == seed
+    # deterministic (AES-SIV): harmless for random keys, which never repeat
+    assert psecrets.wrap(secret, seed, b"ctx") == blob
+    assert psecrets.wrap(secret, os.urandom(32), b"ctx") != blob
+    assert psecrets.wrap(secret, seed, b"other context") != blob
+    with pytest.raises(ValueError):
+        psecrets.wrap(secret, b"short", b"ctx")  # only for random keys
     with pytest.raises(KeyProblem):
         psecrets.unwrap(os.urandom(32), blob, b"ctx")
     with pytest.raises(KeyProblem):
         psecrets.unwrap(secret, blob, b"other context")
-    tampered = bytearray(blob)
-    tampered[-1] ^= 1
-    with pytest.raises(KeyProblem):
-        psecrets.unwrap(secret, bytes(tampered), b"ctx")
+    for pos in (1, 20, len(blob) - 1):
+        tampered = bytearray(blob)
+        tampered[pos] ^= 1
+        with pytest.raises(KeyProblem):
+            psecrets.unwrap(secret, bytes(tampered), b"ctx")
     with pytest.raises(FormatError):
         psecrets.unwrap(secret, blob[:10], b"ctx")
+    with pytest.raises(FormatError):
+        psecrets.unwrap(secret, b"\x01" + blob[1:], b"ctx")  # the old (salted) wrap format
+
+
+def _ssh_ed25519_pair():
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    line = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    return agemod.SshEd25519Identity(key), line
+
+
+def _ssh_rsa_pair(bits: int = 2048):
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(65537, bits)
+    line = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH).decode()
+    return agemod.SshRsaIdentity(key), line
 
 
 def test_params_blob_holds_no_usable_key():
-    ident = X25519Identity(os.urandom(32))
-    cipher = make_cipher([ident.recipient])
+    """The index holds only the wrapped seed: no seed, file key, payload key, nonce or stanza randomness."""
+    x = X25519Identity(os.urandom(32))
+    ed, ed_line = _ssh_ed25519_pair()
+    rs, rs_line = _ssh_rsa_pair()
+    cipher = make_cipher([x.recipient, ed_line, rs_line])
     secret = os.urandom(32)
     data = os.urandom(100_000)
     enc = cipher.new_file(len(data), secret)
     stream = enc.update(data) + enc.finish()
     params = enc.params()
+    assert len(params) == 1 + 3 + 8 + 49  # version, uvarint(100000), recipients fingerprint, wrapped seed
     header = read_header(Bytes(stream))
-    file_key = ident.unwrap(header.stanzas[0])
-    assert file_key is not None and len(file_key) == 16
     nonce = stream[header.size : header.size + 16]
-    from packerfs.crypt.age import payload_key
-
-    for needle in (file_key, payload_key(file_key, nonce), nonce, secret):
-        assert needle not in params
-    assert params.count(header.raw) == 1  # the header is stored (it is public)
-    assert decode_params(params, secret)[1:] == (file_key, nonce)
+    file_keys = {ident.unwrap(st) for ident, st in zip((x, ed, rs), header.stanzas)}
+    assert len(file_keys) == 1
+    file_key = file_keys.pop()
+    assert file_key is not None and len(file_key) == 16
+    seed = cipher.unwrap_seed(params, len(data), secret)
+    fs = agemod.FileSecrets.derive(seed, cipher._recipients)
+    assert (fs.file_key, fs.nonce, fs.header) == (file_key, nonce, header.raw)
+    rands = [agemod._derive(seed, b"stanza " + i.to_bytes(4, "big"), 32) for i in range(3)]
+    needles = [seed, file_key, agemod.payload_key(file_key, nonce), nonce, secret, *rands]
+    needles += [st.body for st in header.stanzas]  # the header is not stored either (it is regenerated)
+    for needle in needles:
+        for i in range(0, len(needle) - 7):
+            assert needle[i : i + 8] not in params  # not even 8 octets of any of them
 
 
 # ----------------------------------------------------------------- keygen

@@ -19,19 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpgkeys import fingerprints, gpg, kill_agent, make_key, new_home
-from packerfs.crypt import secrets
+from packerfs.crypt import openpgp, openpgp_keys
 from packerfs.crypt.openpgp import (
     PARTIAL_CHUNK_LOG2,
     PARTIAL_THRESHOLD,
-    WRAP_CONTEXT,
     Layout,
     OpenPGPCipher,
     _Params,
     bench,
     open_openpgp_plaintext,
 )
-from packerfs.crypt.openpgp_packets import TAG_SEIPD, Framing
-from packerfs.errors import FormatError, KeyProblem, SourceChanged
+from packerfs.crypt.openpgp_packets import TAG_PKESK, TAG_SEIPD, Framing, iter_packets, read_mpi
+from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
 
 pytestmark = pytest.mark.interop
 
@@ -379,24 +378,153 @@ def test_deterministic_regeneration_and_fresh_secrets(ed_key):
     assert a.read(0, a.size) == b.read(0, b.size) == s1
     assert a.read(30_000, 5000) == s1[30_000:35_000]
     assert s1 != s2 and s1[:94] != s2[:94]  # fresh PKESK (ephemeral key) per file
-    k1 = secrets.unwrap(SECRET, _Params.decode(p1).wrapped, WRAP_CONTEXT + _Params.decode(p1).header)
-    k2 = secrets.unwrap(SECRET, _Params.decode(p2).wrapped, WRAP_CONTEXT + _Params.decode(p2).header)
-    assert k1[:32] != k2[:32] and k1[32:] != k2[32:]
+    seed1, cands1 = c.unwrap_seed(_Params.decode(p1, c._wrapped_len), SECRET)
+    seed2, cands2 = c.unwrap_seed(_Params.decode(p2, c._wrapped_len), SECRET)
+    assert cands1 == cands2 == b""  # no RSA key, no padding candidate index
+    (k1, pre1, h1, _), (k2, pre2, h2, _) = c.derive(seed1), c.derive(seed2)
+    assert seed1 != seed2 and k1 != k2 and pre1 != pre2 and h1 != h2
+    assert s1.startswith(h1) and s2.startswith(h2)  # the stream's PKESKs are the derived ones
 
 
-def test_params_hold_no_session_key(rsa_key):
-    c = OpenPGPCipher.from_keyring([rsa_key["fpr"]], rsa_key["home"])
-    data = data_of(4000)
+def _pkesks(header: bytes) -> list[bytes]:
+    return [body for tag, body, _ in iter_packets(header) if tag == TAG_PKESK]
+
+
+def test_regenerated_pkesks_are_deterministic(rsa_key, ed_key, public_home):
+    """PKESKs are a function of (seed, keys): another cipher object rebuilds them byte for byte."""
+    c = OpenPGPCipher.from_keyring([rsa_key["fpr"], ed_key["fpr"]], public_home)
+    again = OpenPGPCipher.from_keyring([rsa_key["fpr"], ed_key["fpr"]], public_home)
+    assert again.fingerprint == c.fingerprint
+    seed = os.urandom(32)
+    key, prefix, header, cands = c.derive(seed)
+    assert len(cands) == 1  # one RSA key: the index of its padding candidate
+    assert again.derive(bytes(seed)) == (key, prefix, header, cands)
+    assert again.derive(bytes(seed), cands) == (key, prefix, header, cands)  # rebuilt with one RSA operation
+    assert len(header) == c._header_len and len(_pkesks(header)) == 2 and prefix[14:16] == prefix[16:]
+    other = c.derive(os.urandom(32))
+    assert all(x != y for x, y in zip(_pkesks(header), _pkesks(other[2])))  # fresh padding / ephemeral
+    data = data_of(20_000)
     stream, params = encrypt(c, data)
-    r = gpg(rsa_key["home"], "--show-session-key", "--status-fd", "2", "--decrypt", input=stream)
-    key = bytes.fromhex(r.stderr.decode().split("SESSION_KEY 9:")[1].split()[0])
-    assert len(key) == 32 and key not in params
-    with pytest.raises(KeyProblem):
-        c.open_stream(params, len(data), lambda o, n: data[o : o + n], bytes(32))
-    with pytest.raises(FormatError):
-        c.open_stream(params, 40 * MiB, lambda o, n: data[o : o + n], SECRET)
-    with pytest.raises(FormatError):
-        c.open_stream(b"nonsense", len(data), lambda o, n: data[o : o + n], SECRET)
+    for _ in range(2):
+        assert again.open_stream(params, len(data), lambda o, n: data[o : o + n], SECRET).read(0, 10**9) == stream
+    enc = again.resume_file(params, len(data), SECRET)
+    assert enc.update(data) + enc.finish() == stream and enc.params() == params
+    for k in (rsa_key, ed_key):
+        assert gpg_decrypt(k["home"], stream) == data
+
+
+def test_params_refused_for_other_recipients(rsa_key, ed_key, public_home):
+    c = OpenPGPCipher.from_keyring([rsa_key["fpr"], ed_key["fpr"]], public_home)
+    data = data_of(3000)
+    _, params = encrypt(c, data)
+    read = lambda o, n: data[o : o + n]  # noqa: E731
+    for ids, opts in (
+        ([ed_key["fpr"], rsa_key["fpr"]], {}),  # reordered: the PKESKs would come in another order
+        ([rsa_key["fpr"]], {}),
+        ([ed_key["fpr"]], {}),
+        ([rsa_key["fpr"], ed_key["fpr"]], {"checkpoint_log2": 16}),
+    ):
+        other = OpenPGPCipher.from_keyring(ids, public_home, **opts)
+        assert other.fingerprint != c.fingerprint
+        for call in (lambda: other.open_stream(params, len(data), read, SECRET),
+                     lambda: other.resume_file(params, len(data), SECRET)):
+            with pytest.raises(UsageError, match="other recipients") as e:
+                call()
+            assert "\n" not in str(e.value)
+
+
+def test_deterministic_pkcs1_padding_decrypts():
+    """The RSA PKESK: nonzero PS from the seed, redrawn with a counter until c has the modulus' bit length."""
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    priv = rsa.generate_private_key(65537, 2048)
+    nums = priv.public_key().public_numbers()
+    ek = openpgp_keys.EncryptionKey("X" * 40, os.urandom(20), openpgp_keys.PK_RSA, rsa_n=nums.n, rsa_e=nums.e)
+    session_key = os.urandom(32)
+    m = openpgp_keys.session_key_message(session_key)
+    redrawn = 0
+    for _ in range(40):
+        rand = os.urandom(32)
+        pkt, found = ek.pkesk(session_key, rand)
+        assert (pkt, found) == ek.pkesk(session_key, rand) == ek.pkesk(session_key, rand, found)
+        assert len(pkt) == ek.pkesk_len()
+        (body,) = _pkesks(pkt)
+        c, _ = read_mpi(body, 10)
+        assert len(c) == 256 and int.from_bytes(c, "big").bit_length() == 2048
+        assert priv.decrypt(c, padding.PKCS1v15()) == m
+        j = 0  # the first candidate of full bit length was taken
+        while True:
+            ps = openpgp_keys.pkcs1_v15_padding(rand, j, 256 - len(m) - 3)
+            assert len(ps) == 256 - len(m) - 3 and 0 not in ps
+            cand = pow(int.from_bytes(b"\x00\x02" + ps + b"\x00" + m, "big"), nums.e, nums.n)
+            if cand.bit_length() == 2048:
+                break
+            with pytest.raises(ValueError, match="full-length"):
+                ek.pkesk(session_key, rand, j)  # a short candidate is refused, not used
+            j += 1
+        assert cand == int.from_bytes(c, "big") and j == found
+        redrawn += j > 0
+    assert redrawn  # the redraw path ran (candidate 0 is short with probability > 1/2)
+
+
+def test_several_rsa_keys_store_one_candidate_index_each():
+    """Synthetic keys (no gpg): the wrapped blob carries one octet per RSA key; streams regenerate exactly."""
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
+
+    privs = [rsa.generate_private_key(65537, 2048) for _ in range(2)]
+    keys = [
+        openpgp_keys.EncryptionKey(f"{i:040X}", os.urandom(20), openpgp_keys.PK_RSA,
+                                   rsa_n=p.public_key().public_numbers().n, rsa_e=65537)
+        for i, p in enumerate(privs)
+    ]
+    xpub = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
+    keys.insert(1, openpgp_keys.EncryptionKey("C" * 40, os.urandom(20), openpgp_keys.PK_ECDH, x25519=xpub,
+                                              kdf_hash=8, kek_algo=9))
+    c = OpenPGPCipher(keys, checkpoint_log2=12)
+    assert c._wrapped_len == 49 + 2
+    data = data_of(30_000)
+    stream, params = encrypt(c, data, step=7_001)
+    assert len(params) == 1 + 3 + 8 + 51 + 1 + 20 + 16 * ((len(stream) - 1) >> 12)  # uvarint(30000): 3
+    read = lambda o, n: data[o : o + n]  # noqa: E731
+    assert c.open_stream(params, len(data), read, SECRET).read(0, 10**9) == stream
+    enc = c.resume_file(params, len(data), SECRET)
+    assert enc.update(data) + enc.finish() == stream and enc.params() == params
+    seed, cands = c.unwrap_seed(_Params.decode(params, c._wrapped_len), SECRET)
+    key, _, header, found = c.derive(seed)
+    assert found == cands and len(cands) == 2
+    m = openpgp_keys.session_key_message(key)
+    bodies = _pkesks(header)
+    for priv, body in zip(privs, (bodies[0], bodies[2])):
+        assert priv.decrypt(read_mpi(body, 10)[0], padding.PKCS1v15()) == m
+    # a cipher with only some of these keys refuses the params
+    with pytest.raises(UsageError, match="other recipients"):
+        OpenPGPCipher(keys[:2], checkpoint_log2=12).open_stream(params, len(data), read, SECRET)
+
+
+def test_params_hold_no_session_key(rsa_key, ed_key):
+    for k in (rsa_key, ed_key):
+        c = OpenPGPCipher.from_keyring([k["fpr"]], k["home"])
+        data = data_of(4000)
+        stream, params = encrypt(c, data)
+        rsa = k is rsa_key
+        # version, uvarint(4000), fingerprint, wrapped seed (+ RSA candidate index), final, MDC; no checkpoint
+        assert len(params) == 1 + 2 + 8 + 49 + rsa + 1 + 20 == 81 + rsa
+        r = gpg(k["home"], "--show-session-key", "--status-fd", "2", "--decrypt", input=stream)
+        key = bytes.fromhex(r.stderr.decode().split("SESSION_KEY 9:")[1].split()[0])
+        seed, cands = c.unwrap_seed(_Params.decode(params, c._wrapped_len), SECRET)
+        assert len(cands) == rsa
+        derived_key, prefix, header, _ = c.derive(seed)
+        assert derived_key == key and stream.startswith(header)
+        rand = openpgp._derive(seed, b"pkesk " + bytes(4), 32)  # the cv25519 ephemeral scalar / padding source
+        for needle in (key, seed, prefix[:16], SECRET, rand, *_pkesks(header)):
+            for i in range(len(needle) - 7):
+                assert needle[i : i + 8] not in params
+        with pytest.raises(KeyProblem):
+            c.open_stream(params, len(data), lambda o, n: data[o : o + n], bytes(32))
+        with pytest.raises(FormatError):
+            c.open_stream(params, 40 * MiB, lambda o, n: data[o : o + n], SECRET)
+        with pytest.raises(FormatError):
+            c.open_stream(b"nonsense", len(data), lambda o, n: data[o : o + n], SECRET)
 
 
 def test_encryptor_checks_plaintext_size(ed_key):

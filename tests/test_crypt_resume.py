@@ -131,7 +131,7 @@ def test_age_partial_params_and_resume(age_key, tmp_path):
     assert len(stream) == c.stream_size(len(data))
     # everything in age params is drawn up front: one blob, valid at any time, covering everything
     assert all(p == final for _, p in snaps)
-    assert len(final) < 260  # X25519: the header is stored; see the report on the index budget
+    assert len(final) == 1 + 4 + 8 + 49  # version, uvarint(3 MiB+), recipients fingerprint, wrapped seed
     check_partial_ranges(c, stream, snaps, data, random.Random(2))
     check_resume(c, data, stream, snaps, final, 2)
 
@@ -171,24 +171,28 @@ def test_age_resume_errors(age_key):
         c.open_stream(params, len(data) - 1, reader(data), SECRET)
     with pytest.raises(FormatError):
         c.resume_file(b"\x07" + params[1:], len(data), SECRET)
-    # other recipients (a longer header): the resumed stream would not be stream_size() long
+    # other recipients: refused, whether the header would be longer or just different
     other = parse_recipient(agemod.X25519Identity(os.urandom(32)).recipient)
-    with pytest.raises(UsageError, match="recipients"):
-        AgeCipher([parse_recipient(pub), other]).resume_file(params, len(data), SECRET)
+    for rs in ([parse_recipient(pub), other], [other], [other, parse_recipient(pub)]):
+        with pytest.raises(UsageError, match="recipients"):
+            AgeCipher(rs).resume_file(params, len(data), SECRET)
+        with pytest.raises(UsageError, match="recipients"):
+            AgeCipher(rs).open_stream(params, len(data), reader(data), SECRET)
+    for bad in (params[:-1], params + b"\0", params[:5], b""):
+        with pytest.raises(FormatError):
+            c.resume_file(bad, len(data), SECRET)
 
 
-def test_age_version1_params_still_work(age_key):
-    """Blobs without the plain size (version 1) open and resume; the resumed pass keeps the v1 blob."""
+def test_age_older_params_formats_are_refused(age_key):
+    """Version 2 blobs (which stored the whole header) are not read any more: FormatError, one line."""
     _, pub = age_key
     c = AgeCipher([parse_recipient(pub)])
-    data = data_of(150_000, 5)
-    stream, _, final = run_pass(c.new_file(len(data), SECRET), data, steps_of(len(data), 5))
-    size, header, wrapped = agemod._split_params(final)
-    assert size == len(data)
-    v1 = bytes([1]) + agemod._uvarint(len(header)) + header + wrapped
-    assert c.open_stream(v1, len(data), reader(data), SECRET).read(0, len(stream)) == stream
-    got, _, got_final = run_pass(c.resume_file(v1, len(data), SECRET), data, [len(data)])
-    assert got == stream and got_final == v1
+    data = data_of(1000, 5)
+    _, _, final = run_pass(c.new_file(len(data), SECRET), data, [len(data)])
+    for version in (1, 2, 4):
+        with pytest.raises(FormatError, match="unknown packerfs version") as ei:
+            c.open_stream(bytes([version]) + final[1:], len(data), reader(data), SECRET)
+        assert "\n" not in str(ei.value)
 
 
 # ----------------------------------------------------------------------------- OpenPGP
@@ -308,9 +312,15 @@ def test_openpgp_resume_errors(cv_key):
                 c.open_stream(params, wrong, reader(data), SECRET)
         with pytest.raises(FormatError):
             c.resume_file(params[:40], len(data), SECRET)
-    # other options make another stream size: refused rather than resumed into a wrong layout
-    with pytest.raises(UsageError, match="recipients"):
-        pgp_cipher(cv_key, partial_threshold=600, partial_chunk_log2=9).resume_file(partial, len(data), SECRET)
+    # other options (another layout) or recipients: refused rather than resumed into other bytes
+    for other in (
+        pgp_cipher(cv_key, partial_threshold=600, partial_chunk_log2=9),
+        pgp_cipher(cv_key),  # only the checkpoint interval differs
+    ):
+        with pytest.raises(UsageError, match="recipients"):
+            other.resume_file(partial, len(data), SECRET)
+        with pytest.raises(UsageError, match="recipients"):
+            other.open_stream(final, len(data), reader(data), SECRET)
     # a changed plaintext is not refused by the encryptor: it yields other bytes inside the
     # covered prefix, which the caller's digest check of the sealed leaves catches
     changed = bytearray(data)
@@ -325,17 +335,26 @@ def test_openpgp_resume_errors(cv_key):
     assert (got, got_final) == (stream, final)
 
 
-def test_openpgp_version1_params_still_work(cv_key):
+def test_openpgp_params_layout_and_older_formats(cv_key):
+    """Version 3: small, partial and final blobs share their leading octets; older versions are refused."""
     from packerfs.crypt.openpgp import _Params
 
     c = pgp_cipher(cv_key, checkpoint_log2=12)
     data = data_of(50_000, 9)
-    stream, _, final = run_pass(c.new_file(len(data), SECRET), data, steps_of(len(data), 9))
-    p = _Params.decode(final)
-    assert p.version == 2 and p.final and p.plain_size == len(data) and p.covered == len(stream)
-    v1 = _Params(p.checkpoint_log2, p.chunk_log2, p.threshold, p.header, p.wrapped, p.mdc, p.checkpoints,
-                 version=1).encode()
-    assert len(v1) == len(final) - 17
-    assert c.open_stream(v1, len(data), reader(data), SECRET).read(0, len(stream)) == stream
-    got, _, got_final = run_pass(c.resume_file(v1, len(data), SECRET), data, [len(data)])
-    assert got == stream and got_final == v1
+    stream, snaps, final = run_pass(c.new_file(len(data), SECRET), data, steps_of(len(data), 9))
+    p = _Params.decode(final, c._wrapped_len)
+    assert p.final and p.plain_size == len(data) and p.fingerprint == c.fingerprint and p.covered is None
+    count = (len(stream) - 1) >> 12
+    assert len(final) == 1 + 3 + 8 + 49 + 1 + 20 + 16 * count == len(p.fixed) + 21 + 16 * count
+    for emitted, params in snaps[:-1]:
+        q = _Params.decode(params, c._wrapped_len)
+        assert not q.final and q.covered == emitted and q.mdc is None and q.fixed == p.fixed
+        assert p.checkpoints.startswith(q.checkpoints)
+    for version in (1, 2, 4):
+        with pytest.raises(FormatError, match="unknown packerfs version"):
+            c.open_stream(bytes([version]) + final[1:], len(data), reader(data), SECRET)
+    with pytest.raises(FormatError):
+        c.open_stream(b"PFOP" + final, len(data), reader(data), SECRET)  # the old magic
+    for bad in (final[:-1], final + b"\0", final[: len(p.fixed)], final[: len(p.fixed) + 5]):
+        with pytest.raises(FormatError):
+            c.open_stream(bad, len(data), reader(data), SECRET)

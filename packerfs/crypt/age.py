@@ -15,25 +15,57 @@ Every chunk is independent, so any byte range of the stream can be produced by
 encrypting only the chunks it touches, and any plaintext range can be
 recovered (and authenticated) by decrypting only those chunks.
 
-Params blob (what the index stores per file version; version 2)::
+Params blob (what the index stores per file version; version 3)::
 
-    0x02 || uvarint(plain size) || uvarint(len(header)) || header || wrapped
-    wrapped = secrets.wrap(dataset secret, file key (16) || payload nonce (16),
-                           context = "packerfs/age/params/v1\\0" || header)
+    0x03 || uvarint(plain size) || recipients fingerprint (8) || wrapped seed (49)
+    wrapped seed = secrets.wrap(dataset secret, seed (32 random octets),
+                                context = "packerfs/age/params/v3\\0" || the octets before it)
+    recipients fingerprint = SHA-256("packerfs/age/recipients/v1\\0" ||
+                                     for each recipient, in header order:
+                                     uvarint(len(type)) || type || uvarint(len(key)) || key)[:8]
+                             (key: the 32-octet X25519 public key, or the SSH wire public key)
 
-Version 1 blobs (``0x01 || uvarint(len(header)) || header || wrapped``, the
-same without the plain size) are still read; only their plaintext size cannot
-be checked. The plain size is recorded so that open_stream() and resume_file()
-refuse a size other than the one the stream was made for (FormatError).
+59 octets for a file under 128 bytes, 61 under 2 MiB, 63 under 32 GiB,
+whatever the recipients (one RSA-4096 recipient's stanza alone is ~700 octets
+of header, which is regenerated, not stored).
 
-The header is public (it is the first bytes of the stream); the file key and
-payload nonce appear only wrapped under the dataset secret.
+The header is regenerated, deterministically, every time a stream is opened
+or resumed: everything random in it and in the payload comes from the seed,
 
-Everything in the params is drawn before the first stream byte, so
+    derive(label, n) = HKDF-SHA256(ikm=seed, salt="", info="packerfs/age/v3 " || label, length=n)
+    file key         = derive("file key", 16)
+    payload nonce    = derive("payload nonce", 16)
+    stanza i's randomness r_i = derive("stanza " || u32be(i), 32):
+      X25519:      the ephemeral scalar
+      ssh-ed25519: the ephemeral scalar
+      ssh-rsa:     the OAEP seed (RSAES-OAEP, SHA-256, MGF1-SHA-256, label
+                   "age-encryption.org/v1/ssh-rsa"; encoded here, see
+                   rsa_oaep_sha256_encrypt(), since `cryptography` draws its own)
+
+followed by the header MAC as the spec defines it. The same seed and the same
+recipients, in the same order, give the same header, byte for byte. Params are
+bound to their recipients by the fingerprint: open_stream() and resume_file()
+refuse params made for another recipient list (UsageError) instead of quietly
+regenerating a different header, and a plaintext size other than the recorded
+one (FormatError). A changed fingerprint or size field also fails the wrap's
+authentication (KeyProblem), since both are in its context.
+
+Security. Deriving the file key, nonce and every stanza's randomness from a
+32-octet uniformly random seed drawn per file version (os.urandom, in
+new_file()) is equivalent to drawing each of them directly: HKDF-SHA256 with a
+uniform 256-bit key is a PRF, so its outputs under distinct info strings are
+computationally indistinguishable from independent uniform strings of those
+lengths, and a distinguisher against the derived values would be one against
+HMAC-SHA256. The seed exists at rest only wrapped under the dataset secret
+(AES-SIV, packerfs.crypt.secrets); the index alone holds no file key, payload
+key, nonce, ephemeral scalar or seed, only the wrapped seed, the plaintext
+size and a fingerprint of public keys.
+
+Everything in the params is fixed before the first stream byte, so
 AgeEncryptor.params() returns the same blob at any time, and that blob (partial
 or final alike) regenerates the whole stream. AgeCipher.resume_file() unwraps
-file key and nonce and reuses the stored header, so a resumed pass over the
-same plaintext yields identical stream bytes and the identical params blob.
+the seed and re-derives the same header, key and nonce, so a resumed pass over
+the same plaintext yields identical stream bytes and the identical params blob.
 """
 
 from __future__ import annotations
@@ -80,6 +112,9 @@ __all__ = [
     "load_identity_file",
     "open_age_plaintext",
     "payload_chunks",
+    "rsa_oaep_sha256_encrypt",
+    "FileSecrets",
+    "Params",
 ]
 
 INTRO = b"age-encryption.org/v1\n"
@@ -96,8 +131,13 @@ _X25519_INFO = b"age-encryption.org/v1/X25519"
 _ED25519_INFO = b"age-encryption.org/v1/ssh-ed25519"
 _RSA_LABEL = b"age-encryption.org/v1/ssh-rsa"
 _ZERO_NONCE = bytes(12)
-_PARAMS_VERSION = 2  # 1 (no plain size) is still read
-_PARAMS_CONTEXT = b"packerfs/age/params/v1\x00"
+SEED_SIZE = 32
+FINGERPRINT_SIZE = 8
+_PARAMS_VERSION = 3
+_PARAMS_CONTEXT = b"packerfs/age/params/v3\x00"
+_DERIVE_INFO = b"packerfs/age/v3 "
+_RECIPIENTS_DOMAIN = b"packerfs/age/recipients/v1\x00"
+_WRAPPED_SIZE = _secrets.wrapped_size(SEED_SIZE)
 _B64_RE = re.compile(rb"[A-Za-z0-9+/]*")
 
 
@@ -133,6 +173,15 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
 def _x25519(scalar: bytes, point: bytes) -> bytes:
     """RFC 7748 X25519; ValueError if the result is all zeros (low-order input)."""
     return X25519PrivateKey.from_private_bytes(scalar).exchange(X25519PublicKey.from_public_bytes(point))
+
+
+def _ephemeral(scalar: bytes, peer: X25519PublicKey) -> tuple[bytes, bytes]:
+    """-> (share = X25519(scalar, basepoint), shared secret = X25519(scalar, peer)); ValueError if all zeros.
+
+    One key object for both: loading the scalar computes its public share with
+    the fixed-base method, half the cost of a second variable-base X25519."""
+    eph = X25519PrivateKey.from_private_bytes(scalar)
+    return eph.public_key().public_bytes_raw(), eph.exchange(peer)
 
 
 def _aead_seal(key: bytes, plaintext: bytes) -> bytes:
@@ -235,6 +284,40 @@ def _ed25519_to_x25519_public(pub: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
+# RSAES-OAEP -----------------------------------------------------------------
+
+
+def _mgf1_sha256(seed: bytes, length: int) -> bytes:
+    """MGF1 with SHA-256 (RFC 8017 B.2.1)."""
+    out = b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(-(-length // 32)))
+    return out[:length]
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def rsa_oaep_sha256_encrypt(n: int, e: int, message: bytes, label: bytes, seed: bytes) -> bytes:
+    """RSAES-OAEP-ENCRYPT (RFC 8017 7.1.1) with SHA-256 and MGF1-SHA-256, using the caller's OAEP seed.
+
+    `seed` is the hLen = 32 random octets that EME-OAEP encoding draws; given
+    it, the ciphertext is a pure function of the inputs. The RSA public
+    operation is pow(m, e, n) (no secret is involved, so timing does not
+    matter). Returns the k-octet ciphertext, k = the modulus length in octets.
+    """
+    h = 32
+    k = (n.bit_length() + 7) // 8
+    if len(seed) != h:
+        raise ValueError("the OAEP seed must be 32 octets")
+    if len(message) > k - 2 * h - 2:
+        raise ValueError("message too long for this RSA key")
+    db = hashlib.sha256(label).digest() + bytes(k - len(message) - 2 * h - 2) + b"\x01" + message
+    masked_db = _xor(db, _mgf1_sha256(seed, k - h - 1))
+    masked_seed = _xor(seed, _mgf1_sha256(masked_db, h))
+    m = int.from_bytes(masked_seed + masked_db, "big")  # EM = 0x00 || maskedSeed || maskedDB; m < n
+    return pow(m, e, n).to_bytes(k, "big")
+
+
 # --------------------------------------------------------------------------- stanzas
 
 
@@ -262,7 +345,13 @@ class Recipient(ABC):
     type: str
 
     @abstractmethod
-    def wrap(self, file_key: bytes) -> Stanza: ...
+    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
+        """The stanza for `file_key`; `rand` (32 uniformly random octets) is all the randomness it uses."""
+
+    @property
+    @abstractmethod
+    def key_bytes(self) -> bytes:
+        """The public key as packerfs fingerprints it (see AgeCipher.fingerprint)."""
 
     @property
     @abstractmethod
@@ -277,6 +366,7 @@ class X25519Recipient(Recipient):
         if len(public_key) != 32:
             raise ValueError("an X25519 recipient is 32 bytes")
         self.public_key = public_key
+        self._peer = X25519PublicKey.from_public_bytes(public_key)
 
     @classmethod
     def from_string(cls, s: str) -> "X25519Recipient":
@@ -289,10 +379,12 @@ class X25519Recipient(Recipient):
     def fingerprint(self) -> str:
         return bech32.encode("age", self.public_key)
 
-    def wrap(self, file_key: bytes) -> Stanza:
-        ephemeral = os.urandom(32)
-        share = _x25519(ephemeral, (9).to_bytes(32, "little"))
-        shared = _x25519(ephemeral, self.public_key)
+    @property
+    def key_bytes(self) -> bytes:
+        return self.public_key
+
+    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
+        share, shared = _ephemeral(rand, self._peer)  # any 32 octets are a scalar (X25519 clamps)
         key = _hkdf(shared, share + self.public_key, _X25519_INFO)
         return Stanza(["X25519", _b64encode(share)], _aead_seal(key, file_key))
 
@@ -313,18 +405,20 @@ class SshRsaRecipient(Recipient):
             )
         if e < 3 or e % 2 == 0:
             raise ValueError("malformed ssh-rsa key (bad exponent)")
+        rsa.RSAPublicNumbers(e, n).public_key()  # cryptography's own sanity checks (ValueError)
         self.wire = wire
-        self.key = rsa.RSAPublicNumbers(e, n).public_key()
+        self.e, self.n = e, n
 
     @property
     def fingerprint(self) -> str:
         return "ssh-rsa " + _ssh_fingerprint(self.wire)
 
-    def wrap(self, file_key: bytes) -> Stanza:
-        body = self.key.encrypt(
-            file_key,
-            padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_RSA_LABEL),
-        )
+    @property
+    def key_bytes(self) -> bytes:
+        return self.wire
+
+    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
+        body = rsa_oaep_sha256_encrypt(self.n, self.e, file_key, _RSA_LABEL, rand)
         return Stanza(["ssh-rsa", _ssh_tag(self.wire)], body)
 
 
@@ -338,6 +432,8 @@ class SshEd25519Recipient(Recipient):
             raise ValueError("malformed ssh-ed25519 key")
         self.wire = wire
         self.x25519_public = _ed25519_to_x25519_public(pub)
+        self._peer = X25519PublicKey.from_public_bytes(self.x25519_public)
+        self._tweak = _hkdf(b"", self.wire, _ED25519_INFO)
         try:
             _x25519(os.urandom(32), self.x25519_public)
         except ValueError:
@@ -347,12 +443,13 @@ class SshEd25519Recipient(Recipient):
     def fingerprint(self) -> str:
         return "ssh-ed25519 " + _ssh_fingerprint(self.wire)
 
-    def wrap(self, file_key: bytes) -> Stanza:
-        ephemeral = os.urandom(32)
-        share = _x25519(ephemeral, (9).to_bytes(32, "little"))
-        shared = _x25519(ephemeral, self.x25519_public)
-        tweak = _hkdf(b"", self.wire, _ED25519_INFO)
-        shared = _x25519(tweak, shared)
+    @property
+    def key_bytes(self) -> bytes:
+        return self.wire
+
+    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
+        share, shared = _ephemeral(rand, self._peer)
+        shared = _x25519(self._tweak, shared)
         key = _hkdf(shared, share + self.x25519_public, _ED25519_INFO)
         return Stanza(["ssh-ed25519", _ssh_tag(self.wire), _b64encode(share)], _aead_seal(key, file_key))
 
@@ -680,9 +777,32 @@ def load_identity_file(path: str) -> list[Identity]:
 # --------------------------------------------------------------------------- header
 
 
-def build_header(recipients: Sequence[Recipient], file_key: bytes) -> bytes:
-    body = INTRO + b"".join(r.wrap(file_key).encode() for r in recipients) + b"---"
+def build_header(recipients: Sequence[Recipient], file_key: bytes, rands: Sequence[bytes]) -> bytes:
+    """The header wrapping `file_key` to `recipients`, stanza i using the randomness rands[i]."""
+    body = INTRO + b"".join(r.wrap(file_key, rnd).encode() for r, rnd in zip(recipients, rands, strict=True)) + b"---"
     return body + b" " + _b64encode(_header_mac(file_key, body)).encode("ascii") + b"\n"
+
+
+def _derive(seed: bytes, label: bytes, length: int) -> bytes:
+    return _hkdf(seed, b"", _DERIVE_INFO + label, length)
+
+
+@dataclass(frozen=True)
+class FileSecrets:
+    """Everything random in one file version's stream, derived from its seed (see the module docstring)."""
+
+    file_key: bytes
+    nonce: bytes
+    header: bytes
+
+    @classmethod
+    def derive(cls, seed: bytes, recipients: Sequence[Recipient]) -> "FileSecrets":
+        if len(seed) != SEED_SIZE:
+            raise ValueError(f"the seed must be {SEED_SIZE} octets")
+        file_key = _derive(seed, b"file key", FILE_KEY_SIZE)
+        nonce = _derive(seed, b"payload nonce", NONCE_SIZE)
+        rands = [_derive(seed, b"stanza " + i.to_bytes(4, "big"), 32) for i in range(len(recipients))]
+        return cls(file_key, nonce, build_header(recipients, file_key, rands))
 
 
 class _NeedMore(Exception):
@@ -815,43 +935,37 @@ def stream_size_for(header_size: int, plain_size: int) -> int:
 # --------------------------------------------------------------------------- pack side
 
 
-def encode_params(header: bytes, wrapped: bytes, plain_size: int) -> bytes:
-    return bytes([_PARAMS_VERSION]) + _uvarint(plain_size) + _uvarint(len(header)) + header + wrapped
+@dataclass(frozen=True)
+class Params:
+    """A decoded params blob (version 3; see the module docstring)."""
 
+    plain_size: int
+    fingerprint: bytes
+    wrapped: bytes
 
-def _split_params(params: bytes) -> tuple[int | None, bytes, bytes]:
-    """-> (plain size or None for a version-1 blob, header, wrapped secret)."""
-    if not params or params[0] not in (1, _PARAMS_VERSION):
-        raise FormatError("age stream parameters are from an unknown packerfs version")
-    pos = 1
-    plain_size = None
-    if params[0] == 2:
-        plain_size, pos = _read_uvarint(params, pos)
-    n, pos = _read_uvarint(params, pos)
-    header = params[pos : pos + n]
-    if len(header) != n:
-        raise FormatError("age stream parameters are truncated")
-    return plain_size, header, params[pos + n :]
+    @staticmethod
+    def bound_prefix(plain_size: int, fingerprint: bytes) -> bytes:
+        """The octets before the wrapped seed; they are also its wrap context (after _PARAMS_CONTEXT)."""
+        return bytes([_PARAMS_VERSION]) + _uvarint(plain_size) + fingerprint
 
+    def encode(self) -> bytes:
+        return self.bound_prefix(self.plain_size, self.fingerprint) + self.wrapped
 
-def decode_params(
-    params: bytes, dataset_secret: bytes, plain_size: int | None = None
-) -> tuple[bytes, bytes, bytes]:
-    """-> (header, file key, payload nonce).
+    @staticmethod
+    def wrap_context(plain_size: int, fingerprint: bytes) -> bytes:
+        """What the wrapped seed is bound to: the cipher, the plaintext size and the recipients."""
+        return _PARAMS_CONTEXT + Params.bound_prefix(plain_size, fingerprint)
 
-    With `plain_size`, a blob that records another plaintext size is refused
-    (FormatError) before anything is unwrapped.
-    """
-    recorded, header, wrapped = _split_params(params)
-    if plain_size is not None and recorded is not None and recorded != plain_size:
-        raise FormatError(
-            f"age stream parameters were made for a plaintext of {recorded} bytes, not {plain_size} "
-            "(they belong to another version of the file)"
-        )
-    secret = _secrets.unwrap(dataset_secret, wrapped, _PARAMS_CONTEXT + header)
-    if len(secret) != FILE_KEY_SIZE + NONCE_SIZE:
-        raise FormatError("age stream parameters are malformed")
-    return header, secret[:FILE_KEY_SIZE], secret[FILE_KEY_SIZE:]
+    @classmethod
+    def decode(cls, blob: bytes) -> "Params":
+        if not blob or blob[0] != _PARAMS_VERSION:
+            raise FormatError("age stream parameters are from an unknown packerfs version")
+        plain_size, pos = _read_uvarint(blob, 1)
+        fingerprint = blob[pos : pos + FINGERPRINT_SIZE]
+        wrapped = blob[pos + FINGERPRINT_SIZE :]
+        if len(fingerprint) != FINGERPRINT_SIZE or len(wrapped) != _WRAPPED_SIZE:
+            raise FormatError("age stream parameters are malformed (wrong length)")
+        return cls(plain_size, fingerprint, wrapped)
 
 
 class AgeEncryptor(Encryptor):
@@ -1018,7 +1132,12 @@ class AgeCipher(Cipher):
         if not uniq:
             raise UsageError("age encryption needs at least one recipient.")
         self._recipients = list(uniq.values())
-        self._header_size = len(build_header(self._recipients, os.urandom(FILE_KEY_SIZE)))
+        h = hashlib.sha256(_RECIPIENTS_DOMAIN)
+        for r in self._recipients:
+            kind = r.type.encode("ascii")
+            h.update(_uvarint(len(kind)) + kind + _uvarint(len(r.key_bytes)) + r.key_bytes)
+        self._fingerprint = h.digest()[:FINGERPRINT_SIZE]
+        self._header_size = len(FileSecrets.derive(os.urandom(SEED_SIZE), self._recipients).header)
 
     @classmethod
     def from_strings(cls, recipients: Iterable[str] = (), recipients_files: Iterable[str] = ()) -> "AgeCipher":
@@ -1032,42 +1151,68 @@ class AgeCipher(Cipher):
         return [r.fingerprint for r in self._recipients]
 
     @property
+    def fingerprint(self) -> bytes:
+        """8 octets of SHA-256 over the recipients' public keys, in order, as recorded in params."""
+        return self._fingerprint
+
+    @property
     def header_size(self) -> int:
         return self._header_size
 
     def stream_size(self, plain_size: int) -> int:
         return stream_size_for(self._header_size, plain_size)
 
+    def _secrets_of(self, seed: bytes) -> FileSecrets:
+        fs = FileSecrets.derive(seed, self._recipients)
+        if len(fs.header) != self._header_size:  # stream_size() would be wrong; never expected
+            raise RuntimeError("age header length is not a pure function of the recipients")
+        return fs
+
     def new_file(self, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        file_key = os.urandom(FILE_KEY_SIZE)
-        nonce = os.urandom(NONCE_SIZE)
-        header = build_header(self._recipients, file_key)
-        if len(header) != self._header_size:  # stream_size() would be wrong; never expected
-            raise RuntimeError("age header length is not a pure function of the recipients")
-        wrapped = _secrets.wrap(dataset_secret, file_key + nonce, _PARAMS_CONTEXT + header)
-        return AgeEncryptor(header, file_key, nonce, encode_params(header, wrapped, plain_size), plain_size)
+        seed = os.urandom(SEED_SIZE)
+        fs = self._secrets_of(seed)
+        wrapped = _secrets.wrap(dataset_secret, seed, Params.wrap_context(plain_size, self._fingerprint))
+        p = Params(plain_size, self._fingerprint, wrapped)
+        return AgeEncryptor(fs.header, fs.file_key, fs.nonce, p.encode(), plain_size)
+
+    def unwrap_seed(self, params: bytes, plain_size: int, dataset_secret: bytes) -> bytes:
+        """The seed in `params`, after checking them against `plain_size` and this cipher's recipients.
+
+        FormatError: malformed, or made for another plaintext size. UsageError:
+        made for other recipients. KeyProblem: the seed does not unwrap with
+        `dataset_secret`."""
+        p = Params.decode(params)
+        if p.plain_size != plain_size:
+            raise FormatError(
+                f"age stream parameters were made for a plaintext of {p.plain_size} bytes, not {plain_size} "
+                "(they belong to another version of the file)"
+            )
+        if p.fingerprint != self._fingerprint:
+            raise UsageError(
+                f"these age stream parameters were made for other recipients (fingerprint {p.fingerprint.hex()}, "
+                f"this pack's recipients have {self._fingerprint.hex()}); were the recipients changed?"
+            )
+        seed = _secrets.unwrap(dataset_secret, p.wrapped, Params.wrap_context(p.plain_size, p.fingerprint))
+        if len(seed) != SEED_SIZE:
+            raise FormatError("age stream parameters are malformed (seed size)")
+        return seed
 
     def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> AgeStream:
-        header, file_key, nonce = decode_params(params, dataset_secret, plain_size)
-        return AgeStream(header, file_key, nonce, plain_size, read_plain)
+        """Random access to the stream; the header is regenerated from the seed and the recipients."""
+        fs = self._secrets_of(self.unwrap_seed(params, plain_size, dataset_secret))
+        return AgeStream(fs.header, fs.file_key, fs.nonce, plain_size, read_plain)
 
     def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
-        """The same pass again: stored header, file key and nonce; params() returns `params` itself.
+        """The same pass again: the same seed, so the same header, file key and nonce; params() returns `params`.
 
-        The header in `params` must have this cipher's header size (the same
-        recipients), else the resumed stream would not be stream_size() long.
-        """
+        `params` must have been made for this cipher's recipients, in the same
+        order (UsageError otherwise)."""
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        header, file_key, nonce = decode_params(params, dataset_secret, plain_size)
-        if len(header) != self._header_size:
-            raise UsageError(
-                f"cannot resume this file: its stored age header is {len(header)} bytes, but this pack's "
-                f"recipients make {self._header_size}-byte headers (were the recipients changed?)"
-            )
-        return AgeEncryptor(header, file_key, nonce, bytes(params), plain_size)
+        fs = self._secrets_of(self.unwrap_seed(params, plain_size, dataset_secret))
+        return AgeEncryptor(fs.header, fs.file_key, fs.nonce, bytes(params), plain_size)
 
 
 # --------------------------------------------------------------------------- unpack side

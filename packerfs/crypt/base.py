@@ -5,8 +5,9 @@ A *stream* is the exact byte sequence stored for one file: the plaintext itself
 from a FUSE mount without staging anything on disk:
 
   (a) any byte range can be regenerated without producing the prefix,
-  (b) every regeneration returns identical bytes (all randomness is drawn once
-      per file version and stored, wrapped, in the index), and
+  (b) every regeneration returns identical bytes (all randomness is derived
+      from one random seed drawn per file version and stored, wrapped under the
+      dataset secret, in the index; recipient headers are rebuilt from it), and
   (c) stock tools (`age -d`, `pyrage`, `gpg -d`) decrypt it.
 
 Pack side:   Cipher.new_file() -> Encryptor (one sequential pass; yields stream
@@ -101,9 +102,11 @@ class Cipher(ABC):
 
         `params` may be partial (see Encryptor.params()): then only the range
         those params cover can be read; `size` is still the whole stream's size.
-        Raises KeyProblem if the wrapped secrets do not open with
-        `dataset_secret`, and FormatError if `params` are malformed or were made
-        for a different `plain_size`.
+        Any recipient header is regenerated from the seed in `params` and this
+        cipher's recipients. Raises KeyProblem if the wrapped secrets do not
+        open with `dataset_secret`, FormatError if `params` are malformed or
+        were made for a different `plain_size`, and UsageError if they were made
+        for other recipients or options (which would regenerate other bytes).
         """
 
     @abstractmethod
@@ -113,8 +116,9 @@ class Cipher(ABC):
         `params` are partial or final params of an earlier Encryptor for this
         file version (typically the partial params stored when a bin was sealed
         in the middle of the file). The returned Encryptor starts again at
-        plaintext byte 0 (the caller re-reads the file) and reuses the secrets,
-        random prefix and recipient header wrapped in `params`; given the same
+        plaintext byte 0 (the caller re-reads the file) and reuses the seed
+        wrapped in `params`, hence the same secrets, random prefix and
+        (regenerated) recipient header; given the same
         plaintext it returns exactly the same stream bytes as the original
         Encryptor, in the same total, and its params() after finish() equal the
         original's final params byte for byte. Its partial params regenerate the
@@ -123,8 +127,9 @@ class Cipher(ABC):
         Errors: KeyProblem if the wrapped secrets do not open with
         `dataset_secret` (as open_stream/unwrap); FormatError if `params` are
         malformed or record a plaintext size other than `plain_size`; UsageError
-        if `params` were made for other recipients or options, so that the
-        resumed stream would not be `self.stream_size(plain_size)` long. The
+        if `params` were made for other recipients or options (a fingerprint
+        of them is recorded in `params`), so that the resumed stream would not
+        be the original one. The
         returned Encryptor does not check the plaintext against `params`: a
         changed plaintext simply yields different bytes (see below), and it
         raises SourceChanged, as any Encryptor does, only if more or fewer than

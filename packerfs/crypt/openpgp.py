@@ -3,7 +3,7 @@
 Message layout (RFC 4880, RFC 6637), all of it a pure function of the
 plaintext size F once the recipients are fixed:
 
-    stream = PKESK v3 (one per recipient)            -- drawn once per file, stored
+    stream = PKESK v3 (one per recipient)            -- regenerated from the file's seed
              SEIPD (tag 18) header, version octet 1
              CFB-128 ciphertext of `inner`, AES-256, zero IV, no resync
     inner  = prefix: 16 random octets || their last two octets again
@@ -26,45 +26,80 @@ stream offset k*N. With N = 1 MiB (the UnixFS leaf size) each leaf read
 starts at a checkpoint and reads at most 15 extra plaintext octets; any other
 range reads at most N extra. Cost: 16 octets per MiB in the index.
 
-Params blob (what `Encryptor.params()` returns and `open_stream` takes; version 2):
+Params blob (what `Encryptor.params()` returns and `open_stream` takes; version 3):
 
-    "PFOP" | version u8 (=2) | final u8 (1 = final, 0 = partial)
-    | checkpoint_log2 u8 | chunk_log2 u8 | threshold u64
-    | plain_size u64 | covered u64 (stream octets the blob can regenerate)
-    | header_len u32 | header (the PKESK packets)
-    | wrapped_len u16 | secrets.wrap(dataset secret, session key(32) || prefix(16),
-                                      WRAP_CONTEXT || header)   (bound to its PKESKs)
-    | mdc(20) | checkpoint count u32 | checkpoints (16 octets each)
+    0x03 | uvarint(plain_size) | recipients fingerprint (8) | wrapped seed (49 + R)
+    | then either 0x01 (final)   | MDC SHA-1 (20) | all checkpoints (16 octets each)
+    |          or 0x00 (partial) | uvarint(covered) | the checkpoints taken so far
 
-*Final* params (after finish()): final = 1, covered = the stream size, the
-MDC's SHA-1, and all checkpoints. *Partial* params (params() before finish()):
-final = 0, covered = the stream octets returned so far, 20 zero octets in
-place of the MDC (it is not known yet), and the checkpoints taken so far,
-which are at least all those for stream offsets below `covered`. Partial params
-regenerate exactly [0, covered); open_stream() on them serves any range inside
-it and raises FormatError for a read that ends past it (the ciphertext there may
-need checkpoints or the MDC that the blob lacks). All blobs of one stream, partial
-or final, hold the same header and the same wrapped bytes, and each holds a
-prefix of the final checkpoint list, so they regenerate identical bytes.
-plain_size is recorded so a blob is refused (FormatError) for any other size.
+    wrapped seed = secrets.wrap(dataset secret, seed (32 random octets) || candidates (R),
+                                WRAP_CONTEXT || the octets before it)
+    candidates   = for each of the R RSA keys, in PKESK order, the index (u8) of
+                   the PKCS#1 padding candidate its PKESK uses (see below)
+    recipients fingerprint = SHA-256("packerfs/openpgp/recipients/v1\\0"
+                                     || checkpoint_log2 u8 || chunk_log2 u8 || threshold u64
+                                     || for each key, in PKESK order: its v4 fingerprint,
+                                        algorithm and public parameters)[:8]
 
-Version 1 blobs (made before partial params existed: no `final`, `plain_size`
-or `covered` fields, always final) are still read, and a stream resumed from
-one ends with the same version 1 blob.
+Final params of a stream shorter than 1 MiB are 80 octets with one cv25519
+recipient and 81 with one RSA recipient (one octet more from a 128-byte
+plaintext, two from 16 KiB, three from 2 MiB, ...), plus 16 octets per MiB of
+stream for the checkpoints. The number of final checkpoints follows from the
+layout; *covered* (partial only) is the number of stream octets returned so
+far: partial params regenerate exactly [0, covered) and hold at least the
+checkpoints for stream offsets below it; open_stream() on them serves any
+range inside it and raises FormatError for a read that ends past it (the
+ciphertext there may need checkpoints or the MDC that the blob lacks). All
+blobs of one stream, partial or final, start with the same octets up to and
+including the wrapped seed, and each holds a prefix of the final checkpoint
+list, so they regenerate identical bytes. plain_size is recorded so a blob is
+refused (FormatError) for any other size.
 
-Resuming (OpenPGPCipher.resume_file): the session key and prefix are unwrapped
-from any blob; header, wrapped secret and layout options are copied from it.
-CFB without resync over the same inner plaintext then yields the same
-ciphertext, so the resumed stream, its checkpoints, MDC and final params are
-identical. The resumed pass does not itself compare anything with the blob:
-a changed plaintext is the caller's to notice, by checking the resumed bytes of
-the sealed prefix against their recorded block digests (packerfs.pack.scan
-does, and starts a new file version on a mismatch).
+What is derived from the seed. Everything random in the stream:
 
-The session key and the random prefix exist at rest only wrapped under the
-dataset secret; the MDC is SHA-1 over the secret prefix and the data, so it
-gives no plaintext-guessing oracle; checkpoints and PKESKs are ciphertext that
-the stream carries anyway.
+    derive(label, n)  = HKDF-SHA256(ikm=seed, salt="", info="packerfs/openpgp/v3 " || label, length=n)
+    session key       = derive("session key", 32)
+    prefix            = r || r[14:16],  r = derive("prefix", 16)
+    PKESK i's randomness = derive("pkesk " || u32be(i), 32): the cv25519
+        ephemeral scalar, or the source of the RSA PKCS#1 v1.5 padding
+        candidates (see packerfs.crypt.openpgp_keys)
+
+so the PKESK packets are rebuilt, byte for byte, whenever a stream is opened
+or resumed. An RSA PKESK uses the first padding candidate whose ciphertext has
+the modulus' full bit length (so that the header has a fixed size). Finding it
+takes 1/P RSA public operations on average, P = 1 - 2**(bits-1)/n, which is 2
+to 9 for gpg's keys, at ~0.5 ms each for 4096 bits in Python; so new_file()
+records the index it found next to the seed, inside the wrapped blob, and a
+stream is rebuilt with one public operation per RSA key. The index is a
+function of the seed (nothing new is stored in the clear) and is authenticated
+with it. (A seed that needs an index above 255, which for gpg's keys happens
+with probability below 1e-13, is simply redrawn.)
+
+Only what depends on the plaintext is stored: the checkpoints and the MDC.
+The layout options and the recipients are not stored but fingerprinted: a
+cipher whose recipients (or their order) or options differ refuses the params
+(UsageError) rather than regenerating other PKESKs or another layout.
+
+Security. Deriving the session key, the prefix and all PKESK randomness from a
+32-octet uniformly random seed drawn per file version (os.urandom, in
+new_file()) is equivalent to drawing them directly: HKDF-SHA256 keyed with a
+uniform 256-bit seed is a PRF, so its outputs under distinct info strings are
+computationally indistinguishable from independent uniform strings, and the
+RSA padding's rejection sampling over PRF output has the same distribution as
+over true random draws. The seed exists at rest only wrapped under the dataset
+secret (AES-SIV, packerfs.crypt.secrets); the index alone holds no session
+key, prefix or seed. The MDC is SHA-1 over the secret prefix and the data, so
+it gives no plaintext-guessing oracle; checkpoints are ciphertext that the
+stream carries anyway.
+
+Resuming (OpenPGPCipher.resume_file): the seed is unwrapped from any blob of
+the file version, and session key, prefix and PKESKs are derived again. CFB
+without resync over the same inner plaintext then yields the same ciphertext,
+so the resumed stream, its checkpoints, MDC and final params are identical. The
+resumed pass does not itself compare anything with the blob: a changed
+plaintext is the caller's to notice, by checking the resumed bytes of the
+sealed prefix against their recorded block digests (packerfs.pack.scan does,
+and starts a new file version on a mismatch).
 
 Decryption (unpack side) lives in packerfs.crypt.openpgp_decrypt; the
 benchmark in packerfs.crypt.openpgp_bench. Both are re-exported here.
@@ -77,8 +112,10 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher as _AESCipher
 from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 try:  # cryptography >= 47 keeps CFB here; the old location goes away in 49
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
@@ -86,7 +123,7 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
-from packerfs.crypt.openpgp_keys import EncryptionKey, keys_from_file, keys_from_keyring
+from packerfs.crypt.openpgp_keys import PK_ECDH, EncryptionKey, keys_from_file, keys_from_keyring
 from packerfs.crypt.openpgp_packets import MAX_DEFINITE, TAG_LITERAL, TAG_SEIPD, Framing
 from packerfs.errors import FormatError, SourceChanged, UsageError
 
@@ -108,12 +145,18 @@ PREFIX_LEN = BLOCK + 2
 MDC_LEN = 22  # D3 14 + SHA-1
 LITERAL_META = b"b\x00\x00\x00\x00\x00"  # binary, empty file name, date 0
 SESSION_KEY_LEN = 32
-WRAP_CONTEXT = b"packerfs/openpgp/v1 session key+prefix"
-MAGIC = b"PFOP"
-PARAMS_VERSION = 2  # version 1 (final params only, no plain size) is still read
-_NO_MDC = bytes(20)  # stands in for the MDC in partial params
+SEED_SIZE = 32
+FINGERPRINT_SIZE = 8
+WRAP_CONTEXT = b"packerfs/openpgp/params/v3\0"
+PARAMS_VERSION = 3
+_DERIVE_INFO = b"packerfs/openpgp/v3 "
+_RECIPIENTS_DOMAIN = b"packerfs/openpgp/recipients/v1\0"
 _ZERO_IV = bytes(BLOCK)
 _THREAD_MIN = 256 << 10  # encrypt pieces at least this big on a helper thread
+
+
+class _CandidateOverflow(Exception):
+    """An RSA padding candidate index does not fit its octet (new_file() draws another seed)."""
 
 
 def _secrets():
@@ -124,6 +167,34 @@ def _secrets():
 
 def _cfb(key: bytes, iv: bytes):
     return _AESCipher(algorithms.AES(key), CFB(iv)).encryptor()
+
+
+def _derive(seed: bytes, label: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=_DERIVE_INFO + label).derive(seed)
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if not n:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("bad length field")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, pos
 
 
 class Layout:
@@ -225,94 +296,92 @@ class Layout:
 
 
 class _Params:
-    __slots__ = ("version", "final", "checkpoint_log2", "chunk_log2", "threshold", "plain_size", "covered",
-                 "header", "wrapped", "mdc", "checkpoints")
+    """A decoded params blob (version 3; see the module docstring)."""
 
-    def __init__(self, checkpoint_log2, chunk_log2, threshold, header, wrapped, mdc, checkpoints, *,
-                 plain_size=None, covered=None, final=True, version=PARAMS_VERSION):
-        self.version = version
-        self.final = final
-        self.checkpoint_log2 = checkpoint_log2
-        self.chunk_log2 = chunk_log2
-        self.threshold = threshold
-        self.plain_size = plain_size  # None: a version 1 blob (not recorded)
-        self.covered = covered  # None: a version 1 blob (the whole stream)
-        self.header = header
+    __slots__ = ("plain_size", "fingerprint", "wrapped", "final", "covered", "mdc", "checkpoints")
+
+    def __init__(self, plain_size: int, fingerprint: bytes, wrapped: bytes, *, final: bool,
+                 covered: int | None = None, mdc: bytes | None = None, checkpoints: bytes = b""):
+        self.plain_size = plain_size
+        self.fingerprint = fingerprint
         self.wrapped = wrapped
-        self.mdc = mdc
+        self.final = final
+        self.covered = covered  # partial params only
+        self.mdc = mdc  # final params only
         self.checkpoints = checkpoints
 
+    @staticmethod
+    def bound(plain_size: int, fingerprint: bytes) -> bytes:
+        """The octets before the wrapped seed (the seed's wrap context, after WRAP_CONTEXT)."""
+        return bytes([PARAMS_VERSION]) + _uvarint(plain_size) + fingerprint
+
+    @staticmethod
+    def peek(blob: bytes) -> tuple[int, bytes]:
+        """-> (plain size, recipients fingerprint), which tell whether the rest can be decoded here."""
+        try:
+            if not blob or blob[0] != PARAMS_VERSION:
+                raise ValueError("unknown packerfs version")
+            plain_size, pos = _read_uvarint(blob, 1)
+            fingerprint = blob[pos : pos + FINGERPRINT_SIZE]
+            if len(fingerprint) != FINGERPRINT_SIZE:
+                raise ValueError("truncated")
+        except ValueError as e:
+            raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
+        return plain_size, fingerprint
+
+    @property
+    def fixed(self) -> bytes:
+        """The octets every blob of this file version starts with (up to and including the wrapped seed)."""
+        return self.bound(self.plain_size, self.fingerprint) + self.wrapped
+
+    @staticmethod
+    def encode_tail(final: bool, covered: int, mdc: bytes | None, checkpoints: bytes) -> bytes:
+        if final:
+            return b"\x01" + mdc + checkpoints
+        return b"\x00" + _uvarint(covered) + checkpoints
+
     def encode(self) -> bytes:
-        if self.version == 1:
-            assert self.final
-            head = [struct.pack(">BBBQ", 1, self.checkpoint_log2, self.chunk_log2, self.threshold)]
-        else:
-            head = [
-                struct.pack(
-                    ">BBBBQQQ", PARAMS_VERSION, 1 if self.final else 0, self.checkpoint_log2, self.chunk_log2,
-                    self.threshold, self.plain_size, self.covered,
-                )
-            ]
-        return b"".join(
-            [
-                MAGIC,
-                *head,
-                struct.pack(">I", len(self.header)),
-                self.header,
-                struct.pack(">H", len(self.wrapped)),
-                self.wrapped,
-                self.mdc,
-                struct.pack(">I", len(self.checkpoints) // BLOCK),
-                bytes(self.checkpoints),
-            ]
-        )
+        return self.fixed + self.encode_tail(self.final, self.covered, self.mdc, self.checkpoints)
 
     @classmethod
-    def decode(cls, blob: bytes) -> "_Params":
+    def decode(cls, blob: bytes, wrapped_len: int) -> "_Params":
+        """Decode a blob whose wrapped seed is `wrapped_len` octets (the cipher knows: 49 + its RSA keys)."""
+        wl = wrapped_len
+        plain_size, fingerprint = cls.peek(blob)
         try:
-            if blob[:4] != MAGIC:
-                raise ValueError("bad magic")
-            version = blob[4] if len(blob) > 4 else None
-            if version == 1:
-                _, cl, ch, thr = struct.unpack_from(">BBBQ", blob, 4)
-                final, plain_size, covered = 1, None, None
-                pos = 4 + 11
-            elif version == PARAMS_VERSION:
-                _, final, cl, ch, thr, plain_size, covered = struct.unpack_from(">BBBBQQQ", blob, 4)
-                if final not in (0, 1):
-                    raise ValueError(f"final flag {final}")
-                pos = 4 + 28
-            else:
-                raise ValueError(f"version {version}")
-            (hl,) = struct.unpack_from(">I", blob, pos)
-            header = blob[pos + 4 : pos + 4 + hl]
-            pos += 4 + hl
-            (wl,) = struct.unpack_from(">H", blob, pos)
-            wrapped = blob[pos + 2 : pos + 2 + wl]
-            pos += 2 + wl
-            mdc = blob[pos : pos + 20]
-            pos += 20
-            (count,) = struct.unpack_from(">I", blob, pos)
-            pos += 4
-            cps = blob[pos:]
-            if len(header) != hl or len(wrapped) != wl or len(mdc) != 20 or len(cps) != count * BLOCK:
+            pos = len(cls.bound(plain_size, fingerprint))
+            wrapped = blob[pos : pos + wl]
+            pos += wl
+            if len(wrapped) != wl or pos >= len(blob):
                 raise ValueError("truncated")
-        except (ValueError, struct.error, IndexError) as e:
+            state = blob[pos]
+            pos += 1
+            covered = mdc = None
+            if state == 1:
+                mdc = blob[pos : pos + 20]
+                if len(mdc) != 20:
+                    raise ValueError("truncated")
+                pos += 20
+            elif state == 0:
+                covered, pos = _read_uvarint(blob, pos)
+            else:
+                raise ValueError(f"state {state}")
+            cps = blob[pos:]
+            if len(cps) % BLOCK:
+                raise ValueError("truncated checkpoint")
+        except ValueError as e:
             raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
-        return cls(cl, ch, thr, header, wrapped, mdc, cps, plain_size=plain_size, covered=covered,
-                   final=bool(final), version=version)
+        return cls(plain_size, fingerprint, wrapped, final=state == 1, covered=covered, mdc=mdc, checkpoints=cps)
 
 
 class _OpenPGPEncryptor(Encryptor):
-    def __init__(self, layout: Layout, header: bytes, key: bytes, prefix: bytes, wrapped: bytes, cp_log2: int,
-                 chunk_log2: int, threshold: int, resumed: _Params | None = None):
+    def __init__(self, layout: Layout, header: bytes, key: bytes, prefix: bytes, fixed: bytes, cp_log2: int):
+        """`fixed`: the params' leading octets, up to and including the wrapped seed (see _Params.fixed)."""
         self._L = layout
         self._header = header
         self._prefix = prefix
-        self._wrapped = wrapped
+        self._fixed = fixed
         self._cp_log2 = cp_log2
-        self._chunk_log2 = chunk_log2
-        self._threshold = threshold
         self._enc = _cfb(key, _ZERO_IV)
         self._sha = hashlib.sha1()
         self._data_pos = 0
@@ -326,8 +395,6 @@ class _OpenPGPEncryptor(Encryptor):
         self._params: bytes | None = None
         self._buf = bytearray()
         self._pool: ThreadPoolExecutor | None = None
-        # A pass resumed from version 1 final params ends with the same version 1 blob.
-        self._final_version = resumed.version if resumed is not None and resumed.final else PARAMS_VERSION
 
     def _drain(self) -> None:
         if self._pool is not None:
@@ -409,10 +476,7 @@ class _OpenPGPEncryptor(Encryptor):
         self._mdc = self._sha.digest()
         out += self._push(L.inner_bytes(L.T - 20, L.T, self._prefix, no_data, self._mdc), hash_it=False)
         assert self._opos == L.S and self._next_k == self._K + 1, (self._opos, L.S, self._next_k, self._K)
-        self._params = _Params(
-            self._cp_log2, self._chunk_log2, self._threshold, self._header, self._wrapped, self._mdc,
-            bytes(self._cps), plain_size=L.F, covered=L.S, final=True, version=self._final_version,
-        ).encode()
+        self._params = self._fixed + _Params.encode_tail(True, L.S, self._mdc, bytes(self._cps))
         self._enc = None
         self._buf = bytearray()
         return out
@@ -426,21 +490,21 @@ class _OpenPGPEncryptor(Encryptor):
         """Final params after finish(); before it, partial params covering the stream octets returned so far."""
         if self._params is not None:
             return self._params
-        return _Params(
-            self._cp_log2, self._chunk_log2, self._threshold, self._header, self._wrapped, _NO_MDC,
-            bytes(self._cps), plain_size=self._L.F, covered=self._opos, final=False,
-        ).encode()
+        return self._fixed + _Params.encode_tail(False, self._opos, None, bytes(self._cps))
 
 
 class _OpenPGPStream:
     """Random access to a regenerated OpenPGP stream (implements RandomAccess)."""
 
-    def __init__(self, p: _Params, layout: Layout, key: bytes, prefix: bytes, read_plain: ReadAt):
+    def __init__(self, p: _Params, layout: Layout, header: bytes, key: bytes, prefix: bytes, cp_log2: int,
+                 read_plain: ReadAt):
         self._p = p
         self._covered = layout.S if p.final else p.covered
         self._L = layout
+        self._header = header
         self._key = key
         self._prefix = prefix
+        self._cp_log2 = cp_log2
         self._read_plain = read_plain
 
     @property
@@ -463,11 +527,11 @@ class _OpenPGPStream:
                 f"partial OpenPGP stream parameters cover the first {self._covered} of {L.S} stream octets; "
                 f"cannot regenerate [{a}, {c})"
             )
-        k = a >> self._p.checkpoint_log2
+        k = a >> self._cp_log2
         if k == 0:
             j0, iv = 0, _ZERO_IV
         else:
-            j0 = L.checkpoint_block(k, self._p.checkpoint_log2)
+            j0 = L.checkpoint_block(k, self._cp_log2)
             iv = self._p.checkpoints[(k - 1) * BLOCK : k * BLOCK]
         i0 = j0 * BLOCK
         ie = L.inner_before(c)
@@ -477,7 +541,7 @@ class _OpenPGPStream:
             buf = bytearray(len(inner) + BLOCK)
             n = _cfb(self._key, iv).update_into(inner, buf)
             ct = memoryview(buf)[:n]
-        return L.stream_bytes(a, c, self._p.header, ct, i0)
+        return L.stream_bytes(a, c, self._header, ct, i0)
 
 
 class OpenPGPCipher(Cipher):
@@ -505,6 +569,13 @@ class OpenPGPCipher(Cipher):
         self.partial_chunk_log2 = partial_chunk_log2
         self.checkpoint_log2 = checkpoint_log2
         self._header_len = sum(k.pkesk_len() for k in self.keys)
+        h = hashlib.sha256(_RECIPIENTS_DOMAIN)
+        h.update(struct.pack(">BBQ", checkpoint_log2, partial_chunk_log2, partial_threshold))
+        for k in self.keys:
+            h.update(k.public_material())
+        self._fingerprint = h.digest()[:FINGERPRINT_SIZE]
+        self._n_rsa = sum(1 for k in self.keys if k.algo != PK_ECDH)
+        self._wrapped_len = _secrets().wrapped_size(SEED_SIZE + self._n_rsa)
 
     @classmethod
     def from_keyring(cls, ids: list[str], homedir: str | None = None, **options) -> "OpenPGPCipher":
@@ -518,85 +589,115 @@ class OpenPGPCipher(Cipher):
     def recipients(self) -> list[str]:
         return list(dict.fromkeys(k.primary_fpr for k in self.keys))
 
-    def _layout(self, plain_size: int, threshold: int | None = None, chunk_log2: int | None = None,
-                header_len: int | None = None) -> Layout:
-        return Layout(
-            self._header_len if header_len is None else header_len,
-            plain_size,
-            self.partial_threshold if threshold is None else threshold,
-            self.partial_chunk_log2 if chunk_log2 is None else chunk_log2,
-        )
+    @property
+    def fingerprint(self) -> bytes:
+        """8 octets of SHA-256 over the layout options and the keys, in order, as recorded in params."""
+        return self._fingerprint
+
+    def _layout(self, plain_size: int) -> Layout:
+        return Layout(self._header_len, plain_size, self.partial_threshold, self.partial_chunk_log2)
 
     def stream_size(self, plain_size: int) -> int:
         return self._layout(plain_size).S
 
+    def derive(self, seed: bytes, candidates: bytes | None = None) -> tuple[bytes, bytes, bytes, bytes]:
+        """-> (session key, 18-octet prefix, PKESK header, RSA padding candidates) for this seed.
+
+        With `candidates` None the RSA padding candidates are searched (new_file);
+        else they are the octets stored with the seed, one per RSA key."""
+        if len(seed) != SEED_SIZE:
+            raise ValueError(f"the seed must be {SEED_SIZE} octets")
+        session_key = _derive(seed, b"session key", SESSION_KEY_LEN)
+        rnd = _derive(seed, b"prefix", BLOCK)
+        given = iter(candidates) if candidates is not None else None
+        packets, found = [], bytearray()
+        for i, k in enumerate(self.keys):
+            rand = _derive(seed, b"pkesk " + i.to_bytes(4, "big"), 32)
+            rsa = k.algo != PK_ECDH
+            pkt, j = k.pkesk(session_key, rand, next(given) if rsa and given is not None else None)
+            packets.append(pkt)
+            if rsa:
+                if j > 255:
+                    raise _CandidateOverflow
+                found.append(j)
+        header = b"".join(packets)
+        if len(header) != self._header_len:  # stream_size() would be wrong; never expected
+            raise RuntimeError("OpenPGP PKESK length is not a pure function of the recipients")
+        return session_key, rnd + rnd[-2:], header, bytes(found)
+
     def new_file(self, plain_size: int, dataset_secret: bytes) -> Encryptor:
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        session_key = os.urandom(SESSION_KEY_LEN)
-        rnd = os.urandom(BLOCK)
-        prefix = rnd + rnd[-2:]
-        header = b"".join(k.pkesk(session_key) for k in self.keys)
-        assert len(header) == self._header_len
-        wrapped = _secrets().wrap(dataset_secret, session_key + rnd, WRAP_CONTEXT + header)
-        return _OpenPGPEncryptor(
-            self._layout(plain_size), header, session_key, prefix, wrapped, self.checkpoint_log2,
-            self.partial_chunk_log2, self.partial_threshold,
-        )
+        while True:
+            seed = os.urandom(SEED_SIZE)
+            try:
+                key, prefix, header, candidates = self.derive(seed)
+                break
+            except _CandidateOverflow:  # p < 1e-11 per RSA key: draw another seed
+                continue
+        bound = _Params.bound(plain_size, self._fingerprint)
+        wrapped = _secrets().wrap(dataset_secret, seed + candidates, WRAP_CONTEXT + bound)
+        return _OpenPGPEncryptor(self._layout(plain_size), header, key, prefix, bound + wrapped, self.checkpoint_log2)
 
-    def _unpack(self, params: bytes, plain_size: int, dataset_secret: bytes) -> tuple[_Params, Layout, bytes, bytes]:
-        """Check `params` against `plain_size` and unwrap: -> (params, layout, session key, prefix)."""
-        p = _Params.decode(params)
-        if p.plain_size is not None and p.plain_size != plain_size:
+    def unwrap_seed(self, p: _Params, dataset_secret: bytes) -> tuple[bytes, bytes]:
+        """-> (seed, RSA padding candidates) in decoded params `p` (KeyProblem if they do not unwrap)."""
+        secret = _secrets().unwrap(dataset_secret, p.wrapped, WRAP_CONTEXT + _Params.bound(p.plain_size, p.fingerprint))
+        if len(secret) != SEED_SIZE + self._n_rsa:
+            raise FormatError("OpenPGP stream parameters hold a wrapped seed of the wrong size")
+        return secret[:SEED_SIZE], secret[SEED_SIZE:]
+
+    def _rebuild(self, seed: bytes, candidates: bytes) -> tuple[bytes, bytes, bytes]:
+        try:
+            key, prefix, header, _ = self.derive(seed, candidates)
+        except ValueError as e:  # a candidate that is not of full length: not made by new_file()
+            raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
+        return key, prefix, header
+
+    def _unpack(
+        self, params: bytes, plain_size: int, dataset_secret: bytes
+    ) -> tuple[_Params, Layout, bytes, bytes, bytes]:
+        """Check `params` against `plain_size` and this cipher; unwrap the seed and rebuild from it:
+        -> (params, layout, session key, prefix, PKESK header)."""
+        recorded, fingerprint = _Params.peek(params)
+        if recorded != plain_size:
             raise FormatError(
-                f"OpenPGP stream parameters were made for a plaintext of {p.plain_size} bytes, not {plain_size} "
+                f"OpenPGP stream parameters were made for a plaintext of {recorded} bytes, not {plain_size} "
                 "(they belong to another version of the file)"
             )
-        try:
-            layout = self._layout(plain_size, p.threshold, p.chunk_log2, len(p.header))
-        except ValueError as e:
-            raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
-        if not 4 <= p.checkpoint_log2 <= 40:
-            raise FormatError(f"bad OpenPGP stream parameters (checkpoint interval 2**{p.checkpoint_log2})")
-        full = layout.checkpoint_count(p.checkpoint_log2)
+        if fingerprint != self._fingerprint:
+            raise UsageError(
+                f"these OpenPGP stream parameters were made for other recipients or options (fingerprint "
+                f"{fingerprint.hex()}, this pack's is {self._fingerprint.hex()}); were the recipients changed?"
+            )
+        p = _Params.decode(params, self._wrapped_len)
+        layout = self._layout(plain_size)
+        cp_log2 = self.checkpoint_log2
+        full = layout.checkpoint_count(cp_log2)
         have = len(p.checkpoints) // BLOCK
         if p.final:
-            if have != full or (p.covered is not None and p.covered != layout.S):
+            if have != full:
                 raise FormatError(
                     f"OpenPGP stream parameters do not fit a plaintext of {plain_size} bytes (checkpoint count)"
                 )
-        elif p.covered >= layout.S or have > full or have < (max(p.covered, 1) - 1) >> p.checkpoint_log2:
+        elif p.covered >= layout.S or have > full or have < (max(p.covered, 1) - 1) >> cp_log2:
             raise FormatError(f"partial OpenPGP stream parameters are inconsistent (they cover {p.covered} octets)")
-        secret = _secrets().unwrap(dataset_secret, p.wrapped, WRAP_CONTEXT + p.header)
-        if len(secret) != SESSION_KEY_LEN + BLOCK:
-            raise FormatError("OpenPGP stream parameters hold a wrapped secret of the wrong size")
-        key, rnd = secret[:SESSION_KEY_LEN], secret[SESSION_KEY_LEN:]
-        return p, layout, key, rnd + rnd[-2:]
+        return (p, layout, *self._rebuild(*self.unwrap_seed(p, dataset_secret)))
 
     def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> RandomAccess:
-        """Random access to the stream; with partial params, to the octets they cover (see `covered`)."""
-        p, layout, key, prefix = self._unpack(params, plain_size, dataset_secret)
-        return _OpenPGPStream(p, layout, key, prefix, read_plain)
+        """Random access to the stream; with partial params, to the octets they cover (see `covered`).
+
+        The PKESKs, session key and prefix are derived again from the seed."""
+        p, layout, key, prefix, header = self._unpack(params, plain_size, dataset_secret)
+        return _OpenPGPStream(p, layout, header, key, prefix, self.checkpoint_log2, read_plain)
 
     def resume_file(self, params: bytes, plain_size: int, dataset_secret: bytes) -> Encryptor:
-        """The same pass again, from plaintext octet 0, with the session key, prefix and PKESKs in `params`.
-
-        Layout options (checkpoint interval, partial-length threshold and chunk)
-        come from `params`, not from this cipher, so the bytes are the same; the
-        resulting stream must still be stream_size(plain_size) long, i.e. the
-        recipients and options must give the same sizes (else UsageError).
-        """
+        """The same pass again, from plaintext octet 0, with the seed in `params` (so the same PKESKs,
+        session key and prefix). `params` must have been made for this cipher's recipients, in the
+        same order, and its layout options (UsageError otherwise)."""
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        p, layout, key, prefix = self._unpack(params, plain_size, dataset_secret)
-        if layout.S != self.stream_size(plain_size):
-            raise UsageError(
-                f"cannot resume this file: its stored OpenPGP stream is {layout.S} bytes, but this pack's "
-                f"recipients and options make {self.stream_size(plain_size)} (were the recipients changed?)"
-            )
-        return _OpenPGPEncryptor(
-            layout, p.header, key, prefix, p.wrapped, p.checkpoint_log2, p.chunk_log2, p.threshold, resumed=p
-        )
+        p, layout, key, prefix, header = self._unpack(params, plain_size, dataset_secret)
+        return _OpenPGPEncryptor(layout, header, key, prefix, p.fixed, self.checkpoint_log2)
 
 
 def __getattr__(name: str):

@@ -10,6 +10,24 @@ RFC 6637 §9) and PKESK packets are built from it (RFC 4880 §5.1, RFC 6637 §8)
   cv25519:  ephemeral X25519; KEK = SHA-2(00000001 || shared || Param) cut to the
             key's KEK size; C = AES-KeyWrap(KEK, PKCS5-padded m); the PKESK holds
             MPI(0x40 || ephemeral public) and len(C) || C.
+
+A PKESK is a pure function of the key, the session key and 32 random octets
+`rand` supplied by the caller (derived from the file's seed, see
+packerfs.crypt.openpgp), so the same inputs rebuild the same packet:
+
+  cv25519:  the ephemeral scalar is `rand` itself.
+  RSA:      EME-PKCS1-v1_5 encoding 00 02 PS 00 m, PS nonzero; candidate j (j = 0, 1, ...)
+            takes PS from the XOF SHAKE-256(HKDF-SHA256(ikm=rand, salt="",
+            info="packerfs/openpgp/v3 pkcs1 padding" || u32be(j))), zero octets
+            skipped; the first candidate whose ciphertext m^e mod n has the
+            modulus' full bit length is used, so the MPI and the PKESK have a
+            fixed size. Rejection sampling over PRF output gives the same
+            distribution as over true random draws. The search takes 1/P
+            candidates on average, P = 1 - 2**(bits-1)/n, which is 0.11 .. 0.5
+            for gpg's keys (2 to 9 public operations of ~0.5 ms each in Python
+            for 4096 bits), so pkesk() returns the index it found and accepts it
+            back: the caller stores it (wrapped with the seed) and later rebuilds
+            the packet with a single public operation.
 """
 
 from __future__ import annotations
@@ -21,8 +39,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from packerfs.errors import FormatError, KeyProblem
@@ -46,12 +66,30 @@ KDF_HASHES = {8: "sha256", 9: "sha384", 10: "sha512"}
 KEK_SIZES = {7: 16, 8: 24, 9: 32}  # AES-128/192/256 key wrap
 ANONYMOUS_SENDER = b"Anonymous Sender    "  # 20 octets, RFC 6637 §8
 MIN_RSA_BITS = 2048
+RAND_SIZE = 32  # randomness per PKESK
+_PKCS1_INFO = b"packerfs/openpgp/v3 pkcs1 padding"
 UNUSABLE_VALIDITY = {"e": "expired", "r": "revoked", "i": "invalid", "d": "disabled"}
 
 
 def session_key_message(session_key: bytes) -> bytes:
     """algo octet || key || two-octet checksum (sum of key octets mod 65536)."""
     return bytes([SYM_AES256]) + session_key + (sum(session_key) & 0xFFFF).to_bytes(2, "big")
+
+
+def _nonzero_octets(key: bytes, n: int) -> bytes:
+    """n nonzero octets: SHAKE-256(key) with its zero octets skipped."""
+    want = n + n // 64 + 32
+    while True:
+        out = hashlib.shake_256(key).digest(want).replace(b"\x00", b"")
+        if len(out) >= n:
+            return out[:n]
+        want *= 2  # the XOF's output only extends: a longer read keeps the same prefix
+
+
+def pkcs1_v15_padding(rand: bytes, j: int, n: int) -> bytes:
+    """PS for candidate j: n nonzero octets derived from `rand`."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PKCS1_INFO + j.to_bytes(4, "big")).derive(rand)
+    return _nonzero_octets(key, n)
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,14 @@ class EncryptionKey:
             return f"cv25519 subkey {self.fpr.hex().upper()}"
         return f"rsa{self.rsa_n.bit_length()} subkey {self.fpr.hex().upper()}"
 
+    def public_material(self) -> bytes:
+        """The (sub)key's fingerprint, algorithm and public parameters, for fingerprinting recipients."""
+        if self.algo == PK_ECDH:
+            rest = self.x25519 + bytes([self.kdf_hash, self.kek_algo])
+        else:
+            rest = mpi(self.rsa_n) + mpi(self.rsa_e)
+        return self.fpr + bytes([self.algo]) + rest
+
     def pkesk_len(self) -> int:
         """Length of the complete PKESK packet; the same for every session key."""
         if self.algo == PK_ECDH:
@@ -84,12 +130,20 @@ class EncryptionKey:
             body = 1 + 8 + 1 + 2 + (self.rsa_n.bit_length() + 7) // 8
         return 1 + len(definite_length(body)) + body
 
-    def pkesk(self, session_key: bytes) -> bytes:
-        """A v3 PKESK packet for session_key; draws fresh randomness each call."""
+    def pkesk(self, session_key: bytes, rand: bytes, candidate: int | None = None) -> tuple[bytes, int]:
+        """A v3 PKESK packet for session_key, using the 32 random octets `rand` (see the module docstring).
+
+        -> (packet, candidate). RSA: with `candidate` None, the PKCS#1 padding
+        candidates are tried from 0 on and the index of the first one of full
+        bit length is returned; with an index (as returned before), only that
+        candidate is computed, and ValueError is raised if it is not of full
+        length (it was not returned by a search). cv25519: candidate is 0."""
+        if len(rand) != RAND_SIZE:
+            raise ValueError(f"PKESK randomness must be {RAND_SIZE} octets")
         m = session_key_message(session_key)
         head = bytes([3]) + self.keyid + bytes([self.algo])
         if self.algo == PK_ECDH:
-            eph = X25519PrivateKey.generate()
+            eph = X25519PrivateKey.from_private_bytes(rand)
             shared = eph.exchange(X25519PublicKey.from_public_bytes(self.x25519))
             param = (
                 bytes([len(OID_CV25519)])
@@ -105,19 +159,27 @@ class EncryptionKey:
             eph_pub = eph.public_key().public_bytes_raw()
             body = head + mpi(int.from_bytes(b"\x40" + eph_pub, "big")) + bytes([len(wrapped)]) + wrapped
         else:
-            pub = rsa.RSAPublicNumbers(self.rsa_e, self.rsa_n).public_key()
-            bits = self.rsa_n.bit_length()
+            n, e = self.rsa_n, self.rsa_e
+            bits = n.bit_length()
+            k = (bits + 7) // 8
             # Redraw the PKCS#1 padding until the ciphertext has the modulus' bit length,
             # so the MPI (and the stream's header) has a fixed size: stream_size() is
-            # then a pure function of the plaintext size. Expected tries: ~2.
+            # then a pure function of the plaintext size. Expected tries: 1/P (see the
+            # module docstring). The candidates come from `rand` and a counter, so the
+            # result is deterministic.
+            j = 0 if candidate is None else candidate
             while True:
-                c = int.from_bytes(pub.encrypt(m, padding.PKCS1v15()), "big")
+                em = b"\x00\x02" + pkcs1_v15_padding(rand, j, k - len(m) - 3) + b"\x00" + m
+                c = pow(int.from_bytes(em, "big"), e, n)
                 if c.bit_length() == bits:
                     break
+                if candidate is not None:
+                    raise ValueError(f"PKCS#1 padding candidate {candidate} does not give a full-length ciphertext")
+                j += 1
             body = head + mpi(c)
         out = bytes([0xC0 | TAG_PKESK]) + definite_length(len(body)) + body
         assert len(out) == self.pkesk_len()
-        return out
+        return out, (j if self.algo != PK_ECDH else 0)
 
 
 def _parse_key_packet(body: bytes) -> dict:
@@ -150,6 +212,10 @@ def _encryption_key(primary_fpr: str, fields: dict) -> EncryptionKey:
         bits = fields["rsa_n"].bit_length()
         if bits < MIN_RSA_BITS:
             raise ValueError(f"RSA key of {bits} bits is below the {MIN_RSA_BITS}-bit minimum")
+        try:  # the public operation is done here with pow(): let cryptography vet n and e first
+            rsa.RSAPublicNumbers(fields["rsa_e"], fields["rsa_n"]).public_key()
+        except ValueError as e:
+            raise ValueError(f"unusable RSA public key ({e})") from None
         return EncryptionKey(primary_fpr, fields["fpr"], algo, rsa_n=fields["rsa_n"], rsa_e=fields["rsa_e"])
     if algo == PK_ECDH:
         if fields["oid"] != OID_CV25519:

@@ -4,12 +4,15 @@ Why a dataset secret
 --------------------
 A stored stream must be regenerated, byte for byte, on every read (invariant 1),
 so each file version's randomness (age: file key, payload nonce, ephemeral
-shares; OpenPGP: session key, prefix) is drawn once and kept in the index as an
-opaque *params* blob. The index is not a secret store (invariant 5): anything
-in it that would decrypt a stream is wrapped here, with authenticated
-encryption, under the 32-byte dataset secret kept in ``STATE_DIR/dataset.key``
-(mode 0600). Without that file the index holds no usable key material; with a
-different one, unwrap() fails with KeyProblem instead of producing garbage.
+shares, OAEP seeds; OpenPGP: session key, prefix, PKCS#1 padding, ephemeral
+keys) must be the same every time. The ciphers derive all of it from one
+32-byte random *seed* drawn per file version (see packerfs.crypt.age and
+packerfs.crypt.openpgp) and keep only that seed in the index, inside the
+opaque *params* blob. The index is not a secret store (invariant 5): the seed
+is wrapped here, with authenticated encryption, under the 32-byte dataset
+secret kept in ``STATE_DIR/dataset.key`` (mode 0600). Without that file the
+index holds no usable key material; with a different one, unwrap() fails
+with KeyProblem instead of producing garbage.
 
 Why deterministic regeneration never reuses keystream over different plaintext
 ------------------------------------------------------------------------------
@@ -24,25 +27,36 @@ because:
   plaintext leaves packerfs; only ciphertext identical to what was already
   published can ever be emitted, and that reveals nothing new;
 * a changed file is a new file version: a rescan calls Cipher.new_file() again,
-  which draws fresh secrets (new file key and nonce for age, new session key for
-  OpenPGP), so the new content is never published under the old keystream.
+  which draws a fresh seed (so a new file key and nonce for age, a new session
+  key for OpenPGP), so the new content is never published under the old
+  keystream.
 * Cipher.resume_file() (continuing a file version after an interrupted scan,
-  when part of its stream is already in sealed bins) reuses the stored secrets
+  when part of its stream is already in sealed bins) reuses the stored seed
   on purpose, so that the resumed pass reproduces the sealed bytes exactly. It
   is only for the same file version: if the plaintext did change, the resumed
   bytes of the sealed prefix differ from the sealed ones and fail their CIDs
   (the caller compares them and falls back to new_file()), and the rest of the
   stream occupies keystream positions that were never published before.
 
-Wrapped-blob format (version 1)::
+Wrapped-blob format (version 2)
+-------------------------------
+::
 
-    0x01 || salt (24 random bytes) || ChaCha20-Poly1305(k, nonce=0, data, aad=context)
-    k = HKDF-SHA256(ikm=dataset secret, salt=salt, info="packerfs/wrap/v1")
+    0x02 || AES-SIV(k, key, associated data=[context])   (RFC 5297: 16-octet SIV || ciphertext)
+    k = HKDF-SHA256(ikm=dataset secret, salt="", info="packerfs/wrap/v2 AES-SIV", 64 octets)
 
-A fresh random salt gives every wrap its own key, so the fixed nonce is never
-repeated under one key and there is no nonce-collision budget to track. The
-caller's ``context`` (e.g. the age header) is authenticated, which binds a
-wrapped secret to the stream it belongs to.
+wrap() is for uniformly random keys (at least 16 octets), such as the 32-octet
+per-file seeds: 17 octets of overhead, so a wrapped seed is 49 octets. AES-SIV
+is deterministic authenticated encryption, the construction RFC 5297 designs
+for key wrapping: it needs no nonce (so there is no nonce or salt to store and
+no collision budget to track), and the only thing its determinism reveals is
+whether two wrapped (key, context) pairs are equal. The wrapped keys are fresh
+random values that never repeat, so that reveals nothing. It must not be used
+for low-entropy or repeating data, which is why wrap() refuses short inputs.
+
+The caller's ``context`` is authenticated, which binds a wrapped seed to the
+stream parameters it belongs to (cipher, plaintext size, recipients), so a
+wrapped seed moved into other params does not open.
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ import stat
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from packerfs.errors import FormatError, KeyProblem
@@ -63,16 +77,16 @@ __all__ = [
     "load_or_create_dataset_secret",
     "wrap",
     "unwrap",
+    "wrapped_size",
 ]
 
 DATASET_KEY_NAME = "dataset.key"
 SECRET_SIZE = 32
 
-_WRAP_VERSION = 1
-_SALT_SIZE = 24
-_TAG_SIZE = 16
-_ZERO_NONCE = bytes(12)
-_WRAP_INFO = b"packerfs/wrap/v1"
+_WRAP_VERSION = 2
+_WRAP_INFO = b"packerfs/wrap/v2 AES-SIV"
+_SIV_SIZE = 16
+_MIN_KEY_SIZE = 16  # wrap() is for random keys of at least 128 bits
 
 
 def _check_and_read(path: str) -> bytes:
@@ -163,26 +177,34 @@ def load_or_create_dataset_secret(state_dir: str | os.PathLike[str]) -> bytes:
     return _check_and_read(path)
 
 
-def _subkey(secret: bytes, salt: bytes) -> ChaCha20Poly1305:
+def wrapped_size(key_size: int) -> int:
+    """Length of wrap()'s output for a key of `key_size` octets."""
+    return 1 + _SIV_SIZE + key_size
+
+
+def _siv(secret: bytes) -> AESSIV:
     if len(secret) != SECRET_SIZE:
         raise ValueError(f"the dataset secret must be {SECRET_SIZE} bytes")
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_WRAP_INFO).derive(secret)
-    return ChaCha20Poly1305(key)
+    return AESSIV(HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=_WRAP_INFO).derive(secret))
 
 
-def wrap(secret: bytes, data: bytes, context: bytes) -> bytes:
-    """Encrypt and authenticate `data` under the dataset secret, bound to `context`."""
-    salt = os.urandom(_SALT_SIZE)
-    return bytes([_WRAP_VERSION]) + salt + _subkey(secret, salt).encrypt(_ZERO_NONCE, data, context)
+def wrap(secret: bytes, key: bytes, context: bytes) -> bytes:
+    """Encrypt and authenticate a uniformly random `key` (>= 16 octets) under the dataset secret.
+
+    Deterministic (AES-SIV): the same key and context give the same blob, which
+    is harmless because `key` is random and never repeats. `context` is
+    authenticated, not stored."""
+    if len(key) < _MIN_KEY_SIZE:
+        raise ValueError("wrap() is for random keys of at least 16 octets")
+    return bytes([_WRAP_VERSION]) + _siv(secret).encrypt(key, [context])
 
 
 def unwrap(secret: bytes, blob: bytes, context: bytes) -> bytes:
     """Inverse of wrap(). Wrong secret or context => KeyProblem; malformed blob => FormatError."""
-    if len(blob) < 1 + _SALT_SIZE + _TAG_SIZE or blob[0] != _WRAP_VERSION:
+    if len(blob) < 1 + _SIV_SIZE + _MIN_KEY_SIZE or blob[0] != _WRAP_VERSION:
         raise FormatError("wrapped stream secret is malformed or from an unknown packerfs version")
-    salt = blob[1 : 1 + _SALT_SIZE]
     try:
-        return _subkey(secret, salt).decrypt(_ZERO_NONCE, blob[1 + _SALT_SIZE :], context)
+        return _siv(secret).decrypt(blob[1:], [context])
     except InvalidTag:
         raise KeyProblem(
             "the stream secrets in the index do not open with this dataset.key "
