@@ -91,6 +91,7 @@ from packerfs.crypt import bech32
 from packerfs.crypt import secrets as _secrets
 from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
 from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
+from packerfs.ipld.cid import decode_uvarint, encode_uvarint
 
 __all__ = [
     "CHUNK_SIZE",
@@ -210,31 +211,6 @@ def payload_chunks(plain_size: int) -> int:
 
 def _chunk_nonce(index: int, last: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise FormatError("age stream parameters are malformed (bad length)")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
 
 
 # SSH wire format ------------------------------------------------------------
@@ -946,7 +922,7 @@ class Params:
     @staticmethod
     def bound_prefix(plain_size: int, fingerprint: bytes) -> bytes:
         """The octets before the wrapped seed; they are also its wrap context (after _PARAMS_CONTEXT)."""
-        return bytes([_PARAMS_VERSION]) + _uvarint(plain_size) + fingerprint
+        return bytes([_PARAMS_VERSION]) + encode_uvarint(plain_size) + fingerprint
 
     def encode(self) -> bytes:
         return self.bound_prefix(self.plain_size, self.fingerprint) + self.wrapped
@@ -960,7 +936,7 @@ class Params:
     def decode(cls, blob: bytes) -> "Params":
         if not blob or blob[0] != _PARAMS_VERSION:
             raise FormatError("age stream parameters are from an unknown packerfs version")
-        plain_size, pos = _read_uvarint(blob, 1)
+        plain_size, pos = decode_uvarint(blob, 1)
         fingerprint = blob[pos : pos + FINGERPRINT_SIZE]
         wrapped = blob[pos + FINGERPRINT_SIZE :]
         if len(fingerprint) != FINGERPRINT_SIZE or len(wrapped) != _WRAPPED_SIZE:
@@ -1135,7 +1111,7 @@ class AgeCipher(Cipher):
         h = hashlib.sha256(_RECIPIENTS_DOMAIN)
         for r in self._recipients:
             kind = r.type.encode("ascii")
-            h.update(_uvarint(len(kind)) + kind + _uvarint(len(r.key_bytes)) + r.key_bytes)
+            h.update(encode_uvarint(len(kind)) + kind + encode_uvarint(len(r.key_bytes)) + r.key_bytes)
         self._fingerprint = h.digest()[:FINGERPRINT_SIZE]
         self._header_size = len(FileSecrets.derive(os.urandom(SEED_SIZE), self._recipients).header)
 

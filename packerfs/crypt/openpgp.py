@@ -126,6 +126,7 @@ from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
 from packerfs.crypt.openpgp_keys import PK_ECDH, EncryptionKey, keys_from_file, keys_from_keyring
 from packerfs.crypt.openpgp_packets import MAX_DEFINITE, TAG_LITERAL, TAG_SEIPD, Framing
 from packerfs.errors import FormatError, SourceChanged, UsageError
+from packerfs.ipld.cid import decode_uvarint, encode_uvarint
 
 __all__ = [
     "OpenPGPCipher",
@@ -171,30 +172,6 @@ def _cfb(key: bytes, iv: bytes):
 
 def _derive(seed: bytes, label: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=_DERIVE_INFO + label).derive(seed)
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if not n:
-            out.append(b)
-            return bytes(out)
-        out.append(b | 0x80)
-
-
-def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("bad length field")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, pos
 
 
 class Layout:
@@ -313,7 +290,7 @@ class _Params:
     @staticmethod
     def bound(plain_size: int, fingerprint: bytes) -> bytes:
         """The octets before the wrapped seed (the seed's wrap context, after WRAP_CONTEXT)."""
-        return bytes([PARAMS_VERSION]) + _uvarint(plain_size) + fingerprint
+        return bytes([PARAMS_VERSION]) + encode_uvarint(plain_size) + fingerprint
 
     @staticmethod
     def peek(blob: bytes) -> tuple[int, bytes]:
@@ -321,7 +298,7 @@ class _Params:
         try:
             if not blob or blob[0] != PARAMS_VERSION:
                 raise ValueError("unknown packerfs version")
-            plain_size, pos = _read_uvarint(blob, 1)
+            plain_size, pos = decode_uvarint(blob, 1)
             fingerprint = blob[pos : pos + FINGERPRINT_SIZE]
             if len(fingerprint) != FINGERPRINT_SIZE:
                 raise ValueError("truncated")
@@ -338,7 +315,7 @@ class _Params:
     def encode_tail(final: bool, covered: int, mdc: bytes | None, checkpoints: bytes) -> bytes:
         if final:
             return b"\x01" + mdc + checkpoints
-        return b"\x00" + _uvarint(covered) + checkpoints
+        return b"\x00" + encode_uvarint(covered) + checkpoints
 
     def encode(self) -> bytes:
         return self.fixed + self.encode_tail(self.final, self.covered, self.mdc, self.checkpoints)
@@ -363,7 +340,7 @@ class _Params:
                     raise ValueError("truncated")
                 pos += 20
             elif state == 0:
-                covered, pos = _read_uvarint(blob, pos)
+                covered, pos = decode_uvarint(blob, pos)
             else:
                 raise ValueError(f"state {state}")
             cps = blob[pos:]
