@@ -25,6 +25,20 @@ def counter_stream(start_byte: int, length: int) -> bytes:
     return blob[skip : skip + length]
 
 
+class Bytes:
+    """RandomAccess (packerfs.crypt.base) over an in-memory bytes object."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.data[offset : offset + size]
+
+
 def find_tool(name: str) -> str | None:
     local = ROOT / "node_modules" / ".bin" / name
     if local.exists():

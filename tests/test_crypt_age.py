@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyrage
 import pytest
+
+from conftest import Bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,20 +39,6 @@ HAVE_SSH_KEYGEN = shutil.which("ssh-keygen") is not None
 KiB, MiB = 1024, 1024 * 1024
 SIZES = [0, 1, 65535, 65536, 65537, MiB - 1, MiB, MiB + 1, 3 * MiB + 12345]
 KINDS = ["x25519", "ssh-rsa", "ssh-ed25519"]
-
-
-class Bytes:
-    """RandomAccess over an in-memory bytes object."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset : offset + size]
 
 
 @dataclass

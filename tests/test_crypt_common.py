@@ -10,6 +10,8 @@ import threading
 
 import pytest
 
+from conftest import Bytes
+
 from packerfs.crypt import (
     KeyRing,
     PlainCipher,
@@ -24,18 +26,6 @@ from packerfs.crypt.age import AgeCipher, X25519Identity, read_header
 from packerfs.errors import FormatError, KeyProblem, PackerfsError, UsageError
 
 HAVE_AGE = shutil.which("age") is not None and shutil.which("age-keygen") is not None
-
-
-class Bytes:
-    def __init__(self, data: bytes):
-        self.data = data
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset : offset + size]
 
 
 # ----------------------------------------------------------------- plain

@@ -15,6 +15,8 @@ import subprocess
 import time
 
 import pytest
+
+from conftest import Bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,20 +46,6 @@ HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChec
 
 
 # --- helpers ----------------------------------------------------------------------
-
-
-class Bytes:
-    """RandomAccess over bytes."""
-
-    def __init__(self, b: bytes):
-        self.b = b
-
-    @property
-    def size(self) -> int:
-        return len(self.b)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.b[offset : offset + size]
 
 
 def data_of(n: int, seed: int = 0) -> bytes:
@@ -337,7 +325,7 @@ def test_session_key_cached_per_stream(ed_key, tmp_path):
     os.mkdir(empty, 0o700)
     assert open_openpgp_plaintext(ra, empty).read(100, 10) == data[100:110]
     with pytest.raises(KeyProblem):
-        open_openpgp_plaintext(Bytes(ra.b), empty)
+        open_openpgp_plaintext(Bytes(ra.data), empty)
     kill_agent(empty)
 
 
