@@ -447,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="work in DIR instead of a temporary directory")
     p.add_argument("--keep", action="store_true", help="keep the demo directory afterwards")
     p.set_defaults(func=cmd_demo)
+
+    from packerfs.fs.commands import register_mount_commands
+
+    register_mount_commands(commands)
     return parser
 
 

@@ -15,6 +15,7 @@ SUITES = {
     "commp": "bench_commp",
     "crypt": "bench_crypt",
     "pack": "bench_pack",
+    "mount": "bench_mount",
 }
 
 
