@@ -530,3 +530,38 @@ def test_sigterm_unmounts_cleanly_and_mounting_again_works(tmp_path):
             process.wait(10)
         if mounted_at(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_killed_daemon_leaves_no_workers_and_umount_clears_the_dead_mount(tmp_path):
+    src = tmp_path / "src"
+    write_random(src / "x.bin", 3 * MiB, 7)
+    state, mnt = tmp_path / "state", tmp_path / "mnt"
+    m = Mount(src, mnt, state, ["--bin-size", "4MiB", "--no-encryption"])
+    try:
+        m.start()
+        m.wait_ready()
+        workers = [
+            int(name) for name in os.listdir("/proc")
+            if name.isdigit() and _ppid(int(name)) == m.pid
+        ]
+        assert workers, "the daemon serves through worker processes"
+        os.kill(m.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(m.pid), 10, "the daemon to die")
+        wait_for(lambda: not any(pid_alive(p) for p in workers), 20, "its workers to exit")
+        assert mounted_at(mnt)  # the kernel keeps a dead mount until it is detached
+        refused = packerfs("mount", src, mnt, "-t", state, "--bin-size", "4MiB", "--no-encryption", check=False)
+        assert refused.returncode == 2 and "umount" in refused.stderr.decode()
+        assert packerfs("umount", mnt, timeout=60).returncode == 0
+        assert not mounted_at(mnt)
+        m.start()  # and the state directory is free again
+        assert m.cars() == ["bin-000001.car"]
+    finally:
+        m.stop()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
