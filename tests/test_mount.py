@@ -321,6 +321,8 @@ class Gate(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
     async def read(self, fh, off, size):
+        if os.path.exists(gate):
+            open(gate + ".waiting", "w").close()  # tells the test a reader is held here
         while os.path.exists(gate):
             await trio.sleep(0.01)
         with open(os.path.join(backing, self._names()[fh - 2]), "rb") as f:
@@ -361,6 +363,7 @@ def gate_fs(backing: Path, mnt: Path, gate: Path):
 
 def test_bins_are_served_while_later_ones_are_scanned(tmp_path):
     src, backing, gate = tmp_path / "src", tmp_path / "backing", tmp_path / "gate-closed"
+    waiting = tmp_path / "gate-closed.waiting"
     for i in range(3):
         write_random(src / f"a{i}.bin", 5 * MiB, 20 + i)
     write_random(backing / "gated.bin", 3 * MiB + 5, 30)
@@ -369,9 +372,10 @@ def test_bins_are_served_while_later_ones_are_scanned(tmp_path):
     gate.write_bytes(b"")
     with gate_fs(backing, src / "zz", gate):
         with mount(src, tmp_path / "mnt", state, "--bin-size", "4MiB", "--no-encryption") as m:
-            # the scan is stuck reading zz/gated.bin, after sealing the bins before it
-            status = wait_for(lambda: (s := m.status())["bins_sealed"] >= 3 and s, 20, "three sealed bins")
-            assert status["state"] == "scanning"
+            # the scan is held reading zz/gated.bin, after sealing the bins before it
+            wait_for(waiting.exists, 20, "the scan to reach the gated file")
+            status = m.status()
+            assert status["state"] == "scanning" and status["bins_sealed"] >= 3
             early = m.cars()
             assert early == [f"bin-{n:06d}.car" for n in range(1, len(early) + 1)]
             rows = read_csv_text(read_bytes(m.mnt / "manifest.csv").decode())
@@ -389,10 +393,12 @@ def test_bins_are_served_while_later_ones_are_scanned(tmp_path):
             assert final_rows[: len(rows)] == rows and len(final_rows) == len(later)
 
         # Remount after gated.bin changed: the bins sealed before are visible at once, while the rescan waits.
+        waiting.unlink()
         gate.write_bytes(b"")
         os.utime(backing / "gated.bin", ns=(1, 10**18))
         with mount(src, tmp_path / "mnt", state, "--bin-size", "4MiB", "--no-encryption") as m:
             assert m.cars() == later
+            wait_for(waiting.exists, 20, "the rescan to reach the changed gated file")
             assert m.status()["state"] == "scanning"
             assert read_bytes(m.mnt / early[0]) == first
             gate.unlink()
