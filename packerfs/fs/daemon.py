@@ -1,12 +1,14 @@
 """The mount's life: detach, mount, scan in the background, serve, unmount.
 
-    serve()   mounts the pack view and serves it until the file system is
-              unmounted (`packerfs umount`, fusermount3 -u) or the process gets
-              SIGINT/SIGTERM/SIGHUP, then unmounts and stops the scan. Used as
-              is by `mount --foreground`.
-    detach()  runs serve() in a daemon (double fork, new session, stdio on
-              /dev/null and the log file) and returns in the caller once the
-              file system is mounted, or raises the daemon's one-line error.
+    serve()       mounts the pack view and serves it until the file system is
+                  unmounted (`packerfs umount`, fusermount3 -u) or the process gets
+                  SIGINT/SIGTERM/SIGHUP, then unmounts and stops the scan. Used as
+                  is by `mount --foreground`.
+    serve_view()  the part any view shares: mount, run its services beside the
+                  FUSE loop, watch the signals, unmount.
+    detach()      runs serve() in a daemon (double fork, new session, stdio on
+                  /dev/null and the log file) and returns in the caller once the
+                  file system is mounted, or raises the daemon's one-line error.
 
 The scan runs in a plain thread so it can be joined before the index is
 closed; it is stopped by its progress callback raising ScanStopped at the next
@@ -23,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable, Sequence
 
 from packerfs.errors import PackerfsError, UsageError
 
@@ -80,8 +82,8 @@ def check_mountpoint(mountpoint: str) -> None:
         raise UsageError(f"{mountpoint}: something is already mounted here; unmount it first")
 
 
-def _lock_state(state_dir: str, mountpoint: str) -> int:
-    """One mount per state directory: its scan is the index's only writer."""
+def lock_state(state_dir: str, mountpoint: str) -> int:
+    """One mount per state directory (its index has one writer); returns the lock's fd, to close at exit."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -128,6 +130,47 @@ def _stable_mtime(state_dir: str) -> int:
 # ---------------------------------------------------------------- serving
 
 
+def unwind_on_signals() -> None:
+    """Until trio takes the signals over, SIGTERM/SIGHUP unwind like SIGINT does, through the caller's finally."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
+
+
+def serve_view(
+    view,
+    mountpoint: str,
+    *,
+    allow_other: bool = False,
+    ready: Callable[[], None] = lambda: None,
+    services: Sequence[Callable] = (),
+    on_hangup: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Mount `view` (a pyfuse3.Operations) at `mountpoint` and serve it until the file system is
+    unmounted or the process gets SIGINT/SIGTERM (and SIGHUP, unless `on_hangup` handles it); then
+    unmount. `ready()` is called once mounted. `services` are async functions run beside the FUSE
+    loop, each started with nursery.start (they call task_status.started()) and cancelled at the end;
+    `on_hangup` is started on every SIGHUP."""
+    import pyfuse3
+    import trio
+
+    options = set(pyfuse3.default_options) | {"fsname=packerfs", "subtype=packerfs", "ro"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(view, mountpoint, options)
+    except RuntimeError as exc:
+        hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if allow_other else ""
+        raise PackerfsError(f"{mountpoint}: cannot mount: {exc}{hint}") from None
+    try:
+        ready()
+        trio.run(_main, mountpoint, list(services), on_hangup)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # let the cleanup finish
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
 def serve(
     open_engine: Callable[[], object],
     mountpoint: str,
@@ -139,7 +182,6 @@ def serve(
     log_path: str | None = None,
 ) -> int:
     """Mount the pack view of the engine at `mountpoint` and serve it until unmounted or signalled."""
-    import pyfuse3
     import trio
 
     from packerfs.fs.blocks import WindowCache
@@ -148,16 +190,13 @@ def serve(
     from packerfs.pack.reader import BinReader
 
     check_mountpoint(mountpoint)
-    lock_fd = _lock_state(state_dir, mountpoint)
+    lock_fd = lock_state(state_dir, mountpoint)
     # Forked first: before the index is opened, any thread started or /dev/fuse opened.
     workers = ProcessReaders(open_engine, PROCESSES, WINDOW, LEAVES) if PROCESSES else None
-    # Until trio takes the signals over, SIGTERM/SIGHUP unwind like SIGINT does, through the finally below.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)
+    unwind_on_signals()
     engine = None
     scan = None
     stop = threading.Event()
-    mounted = False
     try:
         engine = open_engine()
         info = {
@@ -177,36 +216,39 @@ def serve(
             workers.fallback = threads
         cache = WindowCache((workers or threads).read, window=WINDOW, capacity=CACHE_BYTES // WINDOW)
         view = PackView(state, cache)
-        options = set(pyfuse3.default_options) | {"fsname=packerfs", "subtype=packerfs", "ro"}
-        if allow_other:
-            options.add("allow_other")
-        try:
-            pyfuse3.init(view, mountpoint, options)
-        except RuntimeError as exc:
-            hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if allow_other else ""
-            raise PackerfsError(f"{mountpoint}: cannot mount: {exc}{hint}") from None
-        mounted = True
+
+        async def start_scan(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            """The scan starts once the session exists (its end may invalidate names in the kernel)."""
+            nonlocal scan
+            scan = threading.Thread(
+                target=_scan, args=(engine, state, stop, skip_unreadable), name="packerfs-scan", daemon=True
+            )
+            scan.start()
+            task_status.started()
+
+        async def worker_streams(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                if workers is not None:
+                    with trio.CancelScope(shield=True):
+                        await workers.aclose_streams()
+
         log.info(
-            "mounted %s at %s: %d sealed bins visible, %d worker processes, state %s",
+            "mounting %s at %s: %d sealed bins visible, %d worker processes, state %s",
             engine.source, mountpoint, len(state.bins), PROCESSES, engine.state_dir,
         )
-        scan = threading.Thread(
-            target=_scan, args=(engine, state, stop, skip_unreadable), name="packerfs-scan", daemon=True
-        )
-        scan.start()
         # The scan thread is busy in Python; let the FUSE loop have the GIL back sooner than every 5 ms.
         sys.setswitchinterval(0.001)
-        ready()
-        trio.run(_main, cache, workers, mountpoint)
+        serve_view(
+            view, mountpoint, allow_other=allow_other, ready=ready,
+            services=[cache.run, worker_streams, start_scan],
+        )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)  # let the cleanup below finish
         stop.set()
-        if mounted:
-            import pyfuse3
-
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s", mountpoint)
         if workers is not None:
             workers.close()
         if scan is not None:
@@ -228,21 +270,17 @@ def _raise_interrupt(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-async def _main(cache, workers, mountpoint: str) -> None:
+async def _main(mountpoint: str, services: list, on_hangup) -> None:
     import pyfuse3
     import trio
 
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(cache.run)
-            nursery.start_soon(_watch_signals)
-            nursery.start_soon(_after_init, mountpoint)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        if workers is not None:
-            with trio.CancelScope(shield=True):
-                await workers.aclose_streams()
+    async with trio.open_nursery() as nursery:
+        for service in services:
+            await nursery.start(service)
+        nursery.start_soon(_watch_signals, nursery, on_hangup)
+        nursery.start_soon(_after_init, mountpoint)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
 
 
 async def _after_init(mountpoint: str) -> None:
@@ -253,12 +291,15 @@ async def _after_init(mountpoint: str) -> None:
     _tune_readahead(mountpoint)
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(nursery, on_hangup) -> None:
     import pyfuse3
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP and on_hangup is not None:
+                nursery.start_soon(on_hangup)
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
