@@ -11,9 +11,10 @@ part (reading the source, encrypting, hashing), so WindowCache:
 - fetches each window once, however many requests wait for it, and keeps the
   most recently used ones (a bounded LRU), so the kernel-sized requests that
   follow are answered on the trio thread without a thread hop;
-- fetches the windows of one file one at a time: neighbouring windows share
-  underlying blocks, which the reader caches, so fetching them in order never
-  regenerates a block twice;
+- fetches the windows of one file one at a time (unless the read function
+  keeps them in order itself): neighbouring windows share underlying blocks,
+  which the reader caches, so fetching them in order never regenerates a
+  block twice;
 - runs a few windows ahead of a sequential reader, so the next window is being
   regenerated while the kernel copies the current one.
 
@@ -47,11 +48,15 @@ class WindowCache:
         window: int = WINDOW,
         capacity: int = 64,
         ahead: int = 2,
+        serialize: bool = True,
     ):
+        """`serialize`: fetch one window of a file at a time (for readers sharing one cache across
+        threads); False if `read` keeps a file's windows in order itself (ProcessReaders)."""
         self._read = read
         self.window = window
         self.capacity = capacity
         self.ahead = ahead
+        self.serialize = serialize
         self._windows: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
         self._pending: dict[tuple, _Pending] = {}
         self._locks: dict[Hashable, trio.Lock] = {}
@@ -124,13 +129,16 @@ class WindowCache:
 
     async def _fetch(self, k: tuple, file_size: int, pending: _Pending) -> None:
         key, index = k
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = trio.Lock()
+        offset = index * self.window
+        size = min(self.window, file_size - offset)
         try:
-            async with lock:
-                offset = index * self.window
-                size = min(self.window, file_size - offset)
+            if self.serialize:
+                lock = self._locks.get(key)
+                if lock is None:
+                    lock = self._locks[key] = trio.Lock()
+                async with lock:
+                    data = await self._read(key, offset, size)
+            else:
                 data = await self._read(key, offset, size)
             if len(data) != size:
                 raise OSError(f"read of {size} bytes at offset {offset} of {key!r} returned {len(data)}")

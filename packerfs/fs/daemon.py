@@ -214,7 +214,9 @@ def serve(
         if workers is not None:
             workers.open_engines()
             workers.fallback = threads
-        cache = WindowCache((workers or threads).read, window=WINDOW, capacity=CACHE_BYTES // WINDOW)
+        cache = WindowCache(
+            (workers or threads).read, window=WINDOW, capacity=CACHE_BYTES // WINDOW, serialize=workers is None
+        )
         view = PackView(state, cache)
 
         async def start_scan(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -226,15 +228,6 @@ def serve(
             scan.start()
             task_status.started()
 
-        async def worker_streams(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                if workers is not None:
-                    with trio.CancelScope(shield=True):
-                        await workers.aclose_streams()
-
         log.info(
             "mounting %s at %s: %d sealed bins visible, %d worker processes, state %s",
             engine.source, mountpoint, len(state.bins), PROCESSES, engine.state_dir,
@@ -243,7 +236,7 @@ def serve(
         sys.setswitchinterval(0.001)
         serve_view(
             view, mountpoint, allow_other=allow_other, ready=ready,
-            services=[cache.run, worker_streams, start_scan],
+            services=[cache.run, *([workers.run] if workers is not None else []), start_scan],
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -6,19 +6,23 @@ every block. hashlib and pread release the GIL, but the stream ciphers of the
 share one core's worth of the GIL: two readers go no faster than one.
 ProcessReaders therefore forks worker processes, each with its own Engine on
 the same state directory (LMDB serves any number of reader processes, and sees
-the bins the daemon's scan seals). A request is three integers on a socket;
-the worker writes the bytes into a shared memory buffer and answers with
-their length, so the daemon copies each window once.
+the bins the daemon's scan seals). A request is a few integers on a socket;
+the worker writes the bytes into a slot of a shared memory buffer and answers
+with their length, so the daemon copies each window once.
 
-A bin's windows are sent to the worker that produced its previous window
-while that worker is free, so neighbouring windows, which share a leaf, find
-it in that worker's BinReader cache instead of regenerating it.
+A worker holds up to SLOTS requests, so the next window is already queued
+while it computes one. While a bin has requests in flight, its next windows go
+to the same worker, in order: neighbouring windows share a leaf, which that
+worker then finds in its BinReader cache instead of regenerating it. A bin
+with nothing in flight goes to the least loaded worker, so readers of
+different bins run on different cores.
 
 ThreadReaders is the same interface over one in-process BinReader.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -34,10 +38,12 @@ from packerfs.errors import PackerfsError, SourceChanged
 
 log = logging.getLogger("packerfs.fs")
 
-_REQUEST = struct.Struct("<QQQ")  # bin, offset, size; bin OPEN opens the engine
+_REQUEST = struct.Struct("<QQQB")  # bin, offset, size, slot; bin OPEN opens the engine
 OPEN = 0  # bins are numbered from 1
-_REPLY = struct.Struct("<BQ")  # status, length of the data or message in the shared buffer
+_REPLY = struct.Struct("<BBQ")  # status, slot, length of the data or message in the slot
 OK, CHANGED, FAILED, BROKEN = range(4)
+SLOTS = 2
+_MESSAGE_ROOM = 4096
 
 
 class ThreadReaders:
@@ -50,43 +56,83 @@ class ThreadReaders:
     async def read(self, number: int, offset: int, size: int) -> bytes:
         return await trio.to_thread.run_sync(self.reader.read, number, offset, size, limiter=self.limiter)
 
-    def close(self) -> None:
-        pass
+
+class _Call:
+    __slots__ = ("slot", "done", "status", "length")
+
+    def __init__(self, slot: int):
+        self.slot = slot
+        self.done = trio.Event()
+        self.status: int | None = None
+        self.length = 0
 
 
 class _Worker:
-    def __init__(self, pid: int, sock: socket.socket, shm: mmap.mmap):
+    def __init__(self, pid: int, sock: socket.socket, shm: mmap.mmap, slot_size: int):
         self.pid = pid
         self.sock = sock
         self.shm = shm
+        self.slot_size = slot_size
         self.stream: trio.lowlevel.FdStream | None = None
-        self.busy = False
+        self.sending = trio.Lock()
+        self.free_slots = list(range(SLOTS))
+        self.calls: collections.deque[_Call] = collections.deque()  # in flight, in the order sent
+        self.bins: dict[int, int] = {}  # bin -> requests in flight
         self.alive = True
 
+    @property
+    def load(self) -> int:
+        return SLOTS - len(self.free_slots)
+
     async def call(self, number: int, offset: int, size: int) -> bytes:
-        if self.stream is None:
-            self.stream = trio.lowlevel.FdStream(os.dup(self.sock.fileno()))
+        """Send one request (a slot must be free) and wait for its answer."""
+        call = _Call(self.free_slots.pop())
+        self.calls.append(call)
         try:
-            await self.stream.send_all(_REQUEST.pack(number, offset, size))
-            reply = b""
-            while len(reply) < _REPLY.size:
-                chunk = await self.stream.receive_some(_REPLY.size - len(reply))
-                if not chunk:
-                    raise OSError(f"worker process {self.pid} exited")
-                reply += chunk
+            async with self.sending:
+                await self.stream.send_all(_REQUEST.pack(number, offset, size, call.slot))
+            await call.done.wait()
         except BaseException:
-            self.alive = False  # a request half sent or half answered: never reuse this worker
+            self.alive = False  # a request half sent or never answered: never reuse this worker
             raise
-        status, length = _REPLY.unpack(reply)
-        data = self.shm[:length]
-        if status == OK:
+        if call.status is None:
+            raise OSError(f"worker process {self.pid} exited")
+        start = call.slot * self.slot_size
+        data = self.shm[start : start + call.length]
+        self.free_slots.append(call.slot)
+        if call.status == OK:
             return data
         message = data.decode(errors="replace")
-        if status == CHANGED:
+        if call.status == CHANGED:
             raise SourceChanged(message)
-        if status == FAILED:
+        if call.status == FAILED:
             raise PackerfsError(message)
         raise OSError(message)
+
+    async def receive(self) -> None:
+        """Hand each answer to its call; answers come in the order the requests were sent."""
+        pending = b""
+        try:
+            while True:
+                while len(pending) < _REPLY.size:
+                    chunk = await self.stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    pending += chunk
+                status, slot, length = _REPLY.unpack(pending[: _REPLY.size])
+                pending = pending[_REPLY.size :]
+                call = self.calls.popleft()
+                if call.slot != slot:
+                    raise OSError(f"worker process {self.pid} answered slot {slot}, expected {call.slot}")
+                call.status, call.length = status, length
+                call.done.set()
+        except (OSError, trio.ClosedResourceError) as exc:
+            if self.alive:
+                log.error("worker process %d: %s", self.pid, exc)
+        finally:
+            self.alive = False
+            while self.calls:
+                self.calls.popleft().done.set()  # status None: the worker is gone
 
 
 class ProcessReaders:
@@ -94,7 +140,8 @@ class ProcessReaders:
 
     Construct it before any thread is started, the index opened or the FUSE
     session opened (workers must not inherit /dev/fuse); then open_engines()
-    has each worker open its engine with `open_engine`.
+    has each worker open its engine with `open_engine`, and run() (a trio
+    service) connects them.
     """
 
     def __init__(self, open_engine: Callable[[], object], processes: int, max_size: int, cache_leaves: int):
@@ -102,8 +149,9 @@ class ProcessReaders:
         self.affinity: dict[int, _Worker] = {}
         self._released = trio.lowlevel.ParkingLot()
         self.fallback = None  # ThreadReaders over the daemon's own BinReader, if every worker died
+        slot_size = max_size + _MESSAGE_ROOM
         for _ in range(processes):
-            shm = mmap.mmap(-1, max_size + 4096)
+            shm = mmap.mmap(-1, SLOTS * slot_size)
             parent_sock, child_sock = socket.socketpair()
             pid = os.fork()
             if pid == 0:  # the worker: nothing inherited but its socket, its buffer and stdio
@@ -114,14 +162,14 @@ class ProcessReaders:
                     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when to stop
                     for signum in (signal.SIGTERM, signal.SIGHUP):
                         signal.signal(signum, signal.SIG_DFL)
-                    _serve_requests(open_engine, child_sock, shm, cache_leaves)
+                    _serve_requests(open_engine, child_sock, shm, slot_size, cache_leaves)
                     code = 0
                 except BaseException:  # noqa: BLE001 - logged; the daemon sees the worker gone
                     log.exception("worker process %d failed", os.getpid())
                 finally:
                     os._exit(code)
             child_sock.close()
-            self.workers.append(_Worker(pid, parent_sock, shm))
+            self.workers.append(_Worker(pid, parent_sock, shm, slot_size))
 
     def open_engines(self, timeout: float = 120.0) -> None:
         """Have every worker open its engine now (after the daemon opened its own, so a new state
@@ -129,7 +177,7 @@ class ProcessReaders:
         for worker in self.workers:
             worker.sock.settimeout(timeout)
             try:
-                worker.sock.sendall(_REQUEST.pack(OPEN, 0, 0))
+                worker.sock.sendall(_REQUEST.pack(OPEN, 0, 0, 0))
                 reply = _receive_exactly(worker.sock, _REPLY.size)
             except OSError as exc:
                 raise PackerfsError(f"worker process {worker.pid} did not start: {exc}") from None
@@ -137,18 +185,38 @@ class ProcessReaders:
                 worker.sock.settimeout(None)
             if reply is None:
                 raise PackerfsError(f"worker process {worker.pid} exited at start; see the log")
-            status, length = _REPLY.unpack(reply)
+            status, _, length = _REPLY.unpack(reply)
             if status != OK:
                 raise PackerfsError(worker.shm[:length].decode(errors="replace"))
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The trio side of the workers' sockets: one task per worker receives its answers."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for worker in self.workers:
+                    worker.stream = trio.lowlevel.FdStream(os.dup(worker.sock.fileno()))
+                    nursery.start_soon(worker.receive)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                for worker in self.workers:
+                    worker.alive = False
+                    if worker.stream is not None:
+                        await worker.stream.aclose()
+                        worker.stream = None
 
     async def read(self, number: int, offset: int, size: int) -> bytes:
         worker = await self._acquire(number)
         if worker is None:
             return await self.fallback.read(number, offset, size)
+        worker.bins[number] = worker.bins.get(number, 0) + 1
         try:
             return await worker.call(number, offset, size)
         finally:
-            worker.busy = False
+            worker.bins[number] -= 1
+            if not worker.bins[number]:
+                del worker.bins[number]
             self._released.unpark_all()
 
     async def _acquire(self, number: int) -> _Worker | None:
@@ -158,21 +226,18 @@ class ProcessReaders:
                 if self.fallback is None:
                     raise OSError("every worker process has exited")
                 return None
-            worker = self.affinity.get(number)
-            if worker is None or worker.busy or not worker.alive:
-                worker = next((w for w in alive if not w.busy), None)
-            if worker is not None:
-                worker.busy = True
-                self.affinity[number] = worker
-                return worker
+            owner = next((w for w in alive if number in w.bins), None)
+            if owner is not None:
+                if owner.free_slots:
+                    return owner  # the bin's windows stay in order on one worker
+            else:
+                free = [w for w in alive if w.free_slots]
+                if free:
+                    previous = self.affinity.get(number)
+                    worker = min(free, key=lambda w: (w.load, w is not previous))
+                    self.affinity[number] = worker
+                    return worker
             await self._released.park()
-
-    async def aclose_streams(self) -> None:
-        """Close the trio side of the sockets (at the end of trio.run)."""
-        for worker in self.workers:
-            if worker.stream is not None:
-                await worker.stream.aclose()
-                worker.stream = None
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers: they exit when their socket closes; one stuck in a read is killed."""
@@ -204,7 +269,7 @@ def _close_fds_except(keep: set[int]) -> None:
                 pass
 
 
-def _serve_requests(open_engine, sock: socket.socket, shm: mmap.mmap, cache_leaves: int) -> None:
+def _serve_requests(open_engine, sock: socket.socket, shm: mmap.mmap, slot_size: int, cache_leaves: int) -> None:
     from packerfs.pack.reader import BinReader
 
     reader = None
@@ -214,7 +279,7 @@ def _serve_requests(open_engine, sock: socket.socket, shm: mmap.mmap, cache_leav
             request = _receive_exactly(sock, _REQUEST.size)
             if request is None:
                 return
-            number, offset, size = _REQUEST.unpack(request)
+            number, offset, size, slot = _REQUEST.unpack(request)
             try:
                 if number == OPEN:
                     if engine is None:
@@ -233,9 +298,13 @@ def _serve_requests(open_engine, sock: socket.socket, shm: mmap.mmap, cache_leav
                 data, status = str(exc).encode(), FAILED
             except Exception as exc:  # noqa: BLE001 - becomes EIO for this read, logged by the daemon
                 data, status = f"{type(exc).__name__}: {exc}".encode(), BROKEN
-            data = data[: len(shm)]
-            shm[: len(data)] = data
-            sock.sendall(_REPLY.pack(status, len(data)))
+            data = data[:slot_size]
+            start = slot * slot_size
+            shm[start : start + len(data)] = data
+            try:
+                sock.sendall(_REPLY.pack(status, slot, len(data)))
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the daemon stopped while this answer was being made
     finally:
         if engine is not None:
             engine.close()
