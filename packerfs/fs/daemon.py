@@ -280,7 +280,7 @@ async def _after_init(mountpoint: str) -> None:
     """The kernel caps the read-ahead when the session starts: raise it once the mount answers."""
     import trio
 
-    await trio.to_thread.run_sync(os.stat, mountpoint, cancellable=True)
+    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     _tune_readahead(mountpoint)
 
 
