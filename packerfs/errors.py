@@ -47,7 +47,15 @@ class KeyProblem(PackerfsError):
 
 
 class SourceChanged(PackerfsError):
-    """A source file no longer matches what was scanned; its bytes are never served."""
+    """A source file no longer matches what was scanned; its bytes are never served.
+
+    Raised by readers that know the file, the message starts with its path,
+    which is also in `.path` (None where the file is not known, e.g. inside a cipher).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 class IncompleteSet(PackerfsError):

@@ -510,3 +510,38 @@ def test_manifest_entry_bound_is_exact_for_the_worst_case(kind, length):
     name = text if kind == "file" else b""
     target = text if kind == "symlink" else b""
     assert len(manifest_format.encode_entry(worst)) == manifest_format.entry_bound(kind, text, name, target)
+
+
+def test_concurrent_reads_survive_file_cache_eviction(tmp_path, source):
+    """Eight threads over many files with one open source file allowed: evictions never break a read."""
+    import concurrent.futures
+    import random
+
+    from packerfs.pack.reader import BinReader
+
+    engine = _age_engine(tmp_path, source)
+    engine.scan()
+    written = {b["bin"]: Path(p).read_bytes() for b, p in zip(engine.bins(), engine.write(str(tmp_path / "out")))}
+    reader = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=1, open_files=1)
+    rng = random.Random(3)
+    jobs = []
+    for _ in range(200):
+        number = rng.choice(list(written))
+        offset = rng.randrange(len(written[number]))
+        jobs.append((number, offset, rng.randrange(1, 300_000)))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: reader.read(*job), jobs))
+    for (number, offset, size), data in zip(jobs, results):
+        assert data == written[number][offset : offset + size]
+    engine.close()
+
+
+def test_index_of_another_format_is_refused(tmp_path, source):
+    from packerfs.index.store import FORMAT, Index, pack
+
+    engine = Engine.open(str(source), str(tmp_path / "state"), make_cipher(no_encryption=True), BIN)
+    with engine.index.env.begin(write=True) as txn:
+        txn.put(b"format", pack(FORMAT - 1), db=engine.index.meta)
+    engine.close()
+    with pytest.raises(UsageError, match="format"):
+        Index(str(tmp_path / "state"))

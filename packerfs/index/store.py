@@ -36,7 +36,7 @@ from packerfs.ipld import cbor
 
 DIGESTS_PER_CHUNK = 1024
 DIGEST = 32
-FORMAT = 1
+FORMAT = 2  # 2: file records as arrays, compact stream params
 # LMDB reserves address space, not disk: the map can be far larger than the data.
 MAP_SIZE = 1 << 40
 
@@ -106,6 +106,13 @@ class Index:
         self.digests = self.env.open_db(b"digests")
         self.bins = self.env.open_db(b"bins")
         self.segments = self.env.open_db(b"segments")
+        stored = self.get_meta(b"format")
+        if stored is not None and stored != FORMAT:
+            self.env.close()
+            raise IndexMismatch(
+                f"state directory {state_dir} holds an index of format {stored}, this packerfs reads "
+                f"format {FORMAT}; use a new -t/--temp directory (the old one can be deleted)"
+            )
 
     def close(self) -> None:
         self.env.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import zlib
 from typing import Iterator
 
@@ -41,14 +42,17 @@ class _SourceFile:
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise SourceChanged(f"{os.fsdecode(path)}: cannot open source file: {exc.strerror}") from None
+            raise SourceChanged(
+                f"{os.fsdecode(path)}: cannot open source file: {exc.strerror}", path=os.fsdecode(path)
+            ) from None
 
     def read_plain(self, offset: int, size: int) -> bytes:
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise SourceChanged(
                 f"{os.fsdecode(self.path)}: source file is shorter than at scan time "
-                f"(wanted {size} bytes at offset {offset}, got {len(data)})"
+                f"(wanted {size} bytes at offset {offset}, got {len(data)})",
+                path=os.fsdecode(self.path),
             )
         return data
 
@@ -57,14 +61,17 @@ class _SourceFile:
 
 
 class BinReader:
-    def __init__(self, index: Index, source: str, cipher: Cipher, secret: bytes, *, cache_leaves: int = 16):
+    def __init__(
+        self, index: Index, source: str, cipher: Cipher, secret: bytes, *, cache_leaves: int = 16, open_files: int = 32
+    ):
         self.index = index
         self.source = os.fsencode(os.path.abspath(source))
         self.cipher = cipher
         self.secret = secret
         self.leaves = LRU(cache_leaves)  # (version, leaf) -> verified leaf section
         self.nodes = LRU(64)  # (bin, start) -> verified section bytes
-        self.files = LRU(32, on_evict=lambda opened: opened.close())  # version -> _OpenStream
+        self.files = LRU(open_files, on_evict=lambda opened: opened.evict())  # version -> _OpenStream
+        self.files_lock = threading.Lock()
         self.records = LRU(1024)
 
     # ---------------------------------------------------------------- API
@@ -160,22 +167,38 @@ class BinReader:
         record = self.records.get(version)
         if record is None:
             record = self.index.file(version)
-            self.records.put(version, record)
+            # A file still being split across bins gains parts (and, for OpenPGP, params) at each seal.
+            if record.get("complete"):
+                self.records.put(version, record)
         return record
 
     @staticmethod
     def _leaf_length(record: dict, leaf_index: int) -> int:
         return min(CHUNK_SIZE, record["stream_size"] - leaf_index * CHUNK_SIZE)
 
-    def _stream(self, version: int, record: dict) -> RandomAccess:
-        entry = self.files.get(version)
-        if entry is None:
-            path = self.source + b"/" + record["path"]
-            source = _SourceFile(path, record)
-            stream = self.cipher.open_stream(record["params"], record["size"], source.read_plain, self.secret)
-            entry = _OpenStream(source, stream)
-            self.files.put(version, entry)
-        return entry.stream
+    def _read_stream(self, version: int, record: dict, offset: int, size: int) -> bytes:
+        """Stream bytes of a file version; the source file stays open across reads (LRU)."""
+        with self.files_lock:
+            opened = self.files.get(version)
+            if opened is None or not record.get("complete"):
+                path = self.source + b"/" + record["path"]
+                source = _SourceFile(path, record)
+                stream = self.cipher.open_stream(record["params"], record["size"], source.read_plain, self.secret)
+                opened = _OpenStream(source, stream)
+                self.files.put(version, opened)
+            opened.users += 1
+        try:
+            return opened.stream.read(offset, size)
+        except SourceChanged as exc:
+            if exc.path is not None:
+                raise
+            path = os.fsdecode(self.source + b"/" + record["path"])
+            raise SourceChanged(f"{path}: {exc}", path=path) from None
+        finally:
+            with self.files_lock:
+                opened.users -= 1
+                if opened.evicted and not opened.users:
+                    opened.source.close()
 
     def _leaf_section(self, record: dict, version: int, leaf_index: int) -> bytes:
         """A leaf's whole CAR section, its bytes verified against the digest recorded at scan time."""
@@ -185,9 +208,11 @@ class BinReader:
             return section
         length = self._leaf_length(record, leaf_index)
         digest = self.index.digests_of(version, leaf_index, 1)
-        data = self._stream(version, record).read(leaf_index * CHUNK_SIZE, length)
+        data = self._read_stream(version, record, leaf_index * CHUNK_SIZE, length)
         if len(data) != length or hashlib.sha256(data).digest() != digest:
-            raise SourceChanged(self._changed_message(record, leaf_index))
+            raise SourceChanged(
+                self._changed_message(record, leaf_index), path=os.fsdecode(self.source + b"/" + record["path"])
+            )
         section = car.section_prefix(cid_from_digest(RAW, digest), length) + data
         self.leaves.put(key, section)
         return section
@@ -207,9 +232,16 @@ class BinReader:
 
 
 class _OpenStream:
+    """A source file and its stream; closed when evicted from the cache and no read is using it."""
+
     def __init__(self, source: _SourceFile, stream: RandomAccess):
         self.source = source
         self.stream = stream
+        self.users = 0
+        self.evicted = False
 
-    def close(self) -> None:
-        self.source.close()
+    def evict(self) -> None:
+        # called by the LRU under BinReader.files_lock's protection of `users`
+        self.evicted = True
+        if not self.users:
+            self.source.close()
