@@ -5,6 +5,7 @@ because absolute times on shared machines are noisy.
     python tools/bench.py commp [--size 1GiB]
     python tools/bench.py crypt [--size 512MiB]
     python tools/bench.py pack [--size 2GiB | --files 100000]
+    python tools/bench.py reverse [--file-size 1088MiB] [--set-size 10GiB]
 """
 
 import importlib
@@ -16,6 +17,7 @@ SUITES = {
     "crypt": "bench_crypt",
     "pack": "bench_pack",
     "mount": "bench_mount",
+    "reverse": "bench_reverse",
 }
 
 

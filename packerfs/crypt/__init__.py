@@ -169,7 +169,7 @@ def open_plaintext(
 
         return age.open_age_plaintext(stream, keyring.age_identities, name=name)
     if cipher_name == "openpgp":
-        return _openpgp().open_openpgp_plaintext(stream, keyring.gpg_homedir)
+        return _openpgp().open_openpgp_plaintext(stream, keyring.gpg_homedir, name=name)
     raise FormatError(f"unknown cipher {cipher_name!r} (made by a newer packerfs?)", path=name)
 
 

@@ -21,17 +21,27 @@ def register_mount_commands(commands) -> None:
 
     p = commands.add_parser(
         "mount",
-        help="serve SRC's bins as CAR files at MNT, generated on read",
+        help="serve SRC's bins as CAR files at MNT, generated on read (--reverse: CARs as the original tree)",
         description="Mount a read-only view of SRC packed into bins: MNT/bin-NNNNNN.car (one per sealed "
         "bin, byte-identical to what `pack` writes with the same state), MNT/manifest.csv and "
         "MNT/manifest.json (a row per bin shown), and MNT/.packerfs-status (JSON: scan state and progress, "
         "stale files, errors). SRC is scanned in the background and bins appear as they are sealed; "
         "copy them out with cp or rsync. Returns once mounted and keeps serving in the background, "
-        "logging to STATE/mount.log; `packerfs umount MNT` (or SIGTERM to the daemon) unmounts.",
+        "logging to STATE/mount.log; `packerfs umount MNT` (or SIGTERM to the daemon) unmounts. "
+        "With --reverse, SRC is a directory of retrieved CARs (CARS) and MNT shows the original, decrypted "
+        "tree, read-only, each read checked against the blocks' CIDs; MNT/.packerfs-status (not listed) "
+        "names missing bins and incomplete files. The CARs are indexed into STATE once; a remount with "
+        "unchanged CARs reads none of them again, and SIGHUP to the daemon picks up added CARs.",
         epilog=EPILOG,
     )
-    p.add_argument("source", metavar="SRC")
+    p.add_argument("source", metavar="SRC|CARS")
     p.add_argument("mountpoint", metavar="MNT")
+    p.add_argument("--reverse", action="store_true", help="show the CAR files in CARS as the original tree")
+    p.add_argument(
+        "-i", "--identity", action="append", metavar="FILE",
+        help="--reverse: age identity or OpenSSH private key (repeatable)",
+    )
+    p.add_argument("--dataset", metavar="HEX", help="--reverse: use only the CARs of this data set (when several are mixed)")
     add_pack_options(p)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed in the status file)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
@@ -52,6 +62,10 @@ def register_mount_commands(commands) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if args.reverse:
+        return cmd_mount_reverse(args)
+    if args.identity or args.dataset:
+        raise UsageError("--identity and --dataset go with --reverse (mounting CARs as the original tree)")
     from packerfs.cli import open_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach, serve
     from packerfs.pack import default_state_dir
@@ -77,6 +91,52 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return job(lambda: None)
     pid = detach(job, log_path)
     print(f"packerfs: serving {os.path.realpath(args.source)} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
+    return 0
+
+
+def cmd_mount_reverse(args: argparse.Namespace) -> int:
+    from packerfs.crypt import KeyRing
+    from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach
+    from packerfs.fs.reverse import default_reverse_state_dir, serve_reverse
+
+    pack_only = [
+        flag for flag, given in (
+            ("--bin-size", args.bin_size), ("--recipient", args.recipient), ("--recipients-file", args.recipients_file),
+            ("--gpg-recipient", args.gpg_recipient), ("--no-encryption", args.no_encryption),
+            ("--skip-unreadable", args.skip_unreadable),
+        ) if given
+    ]
+    if pack_only:
+        raise UsageError(f"{', '.join(pack_only)}: not an option of mount --reverse (the CARs say how they were made)")
+    cars = args.source
+    if not os.path.exists(cars):
+        raise UsageError(f"{cars}: no such file or directory")
+    dataset = None
+    if args.dataset:
+        try:
+            dataset = bytes.fromhex(args.dataset)
+        except ValueError:
+            raise UsageError(f"data set id {args.dataset!r} is not hexadecimal") from None
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    gpg_homedir = os.path.abspath(args.gpg_homedir) if args.gpg_homedir else None  # the daemon works in /
+    keyring = KeyRing(args.identity or (), gpg_homedir)  # a missing or unreadable identity: here, in one line
+    cars = os.path.abspath(cars)
+    state_dir = os.path.abspath(args.temp or default_reverse_state_dir(cars))
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    log_path = os.path.join(state_dir, LOG_NAME)
+
+    def job(ready) -> int:
+        return serve_reverse(
+            cars, mountpoint, state_dir, keyring, dataset=dataset, allow_other=args.allow_other, ready=ready,
+            log_path=None if args.foreground else log_path,
+        )
+
+    if args.foreground:
+        configure_logging(sys.stderr)
+        return job(lambda: None)
+    pid = detach(job, log_path)
+    print(f"packerfs: serving the tree in {cars} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
 
 

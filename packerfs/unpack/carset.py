@@ -52,6 +52,16 @@ class BlockIndex(Protocol):
 
     def __len__(self) -> int: ...
 
+    def begin_car(self, path: str) -> tuple[int, "Car | None"]:
+        """Before scanning `path`: its car id, and its Car if the index already holds that file as it
+        is now (then its blocks are indexed and the scan is skipped)."""
+        ...
+
+    def end_car(self, car: "Car") -> None:
+        """`car` is in the set: its blocks (added since begin_car, unless it came from the index) are
+        all there."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -60,6 +70,7 @@ class MemoryBlockIndex:
 
     def __init__(self) -> None:
         self._map: dict[bytes, tuple[int, int, int, int]] = {}
+        self._cars = 0
 
     def add(self, cid: bytes, location: Location) -> None:
         self._map.setdefault(cid, tuple(location))
@@ -70,6 +81,13 @@ class MemoryBlockIndex:
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def begin_car(self, path: str) -> tuple[int, "Car | None"]:
+        self._cars += 1
+        return self._cars - 1, None
+
+    def end_car(self, car: "Car") -> None:
+        pass
 
     def close(self) -> None:
         self._map = {}
@@ -263,9 +281,12 @@ class CarSet:
         self = cls(index=index if index is not None else MemoryBlockIndex())
         hinted: set[int] = set()
         candidates: list[Car] = []
-        for car_id, path in enumerate(_car_files(sources)):
+        for path in _car_files(sources):
+            car_id, car = self.index.begin_car(path)
+            sections = None
             try:
-                car, sections = self._scan(car_id, path)
+                if car is None:
+                    car, sections = self._scan(car_id, path)
             except FormatError as exc:
                 self.problems.append(f"{_first_line(exc)} (skipped)")
                 m = CAR_NAME.match(os.path.basename(path))
@@ -286,9 +307,11 @@ class CarSet:
             # mismatch, duplicate bin) keeps its blocks indexed: they are still verified
             # content, and a mixed set is refused as a whole.
             self.car_by_id[car.id] = car
-            for cid, s in sections.items():
-                self.index.add(cid, Location(car.id, s.offset, s.data_offset, s.length))
-            del sections
+            if sections is not None:
+                for cid, s in sections.items():
+                    self.index.add(cid, Location(car.id, s.offset, s.data_offset, s.length))
+                del sections
+            self.index.end_car(car)
 
         datasets: dict[bytes, list[Car]] = {}
         for car in candidates:

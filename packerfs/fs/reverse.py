@@ -1,0 +1,218 @@
+"""`packerfs mount --reverse CARS MNT`: open the CAR set, check the keys, serve the reverse view.
+
+    serve_reverse()   in the mount daemon (or --foreground): index CARS into LMDB in the
+                      state directory (an unchanged CAR is taken from the index unread),
+                      build the tree, try the keys on the first file, mount, and serve until
+                      unmounted or SIGINT/SIGTERM. SIGHUP re-reads CARS (new CARs appear).
+
+Everything that can be wrong with the keys is found before the file system is
+mounted, and reported in one line by `packerfs mount` (exit 1): an identity file
+that is missing or unreadable (KeyRing), identities that open none of the files
+(age), gpg without the secret key or unable to unlock it (OpenPGP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+
+from packerfs.errors import FormatError, IncompleteSet, KeyProblem, PackerfsError
+
+log = logging.getLogger("packerfs.fs")
+
+THREADS = 4  # worker threads reading blocks and decrypting (hashlib and pread release the GIL)
+KEY_CHECK_FILES = 5  # files tried (in path order, complete ones first) before giving up on a key check
+
+
+def default_reverse_state_dir(cars: str) -> str:
+    """Under the user's cache directory, keyed by the CAR directory's real path."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(os.fsencode(os.path.realpath(cars))).hexdigest()[:16]
+    return os.path.join(base, "packerfs", f"reverse-{key}")
+
+
+def open_generation(number: int, cars, store, keyring, dataset=None):
+    """A CarSet over the LMDB index `store`, its FileReader and tree, as a Generation."""
+    from packerfs.fs.reverseview import Generation
+    from packerfs.unpack import CarSet, FileReader
+
+    started = time.monotonic()
+    session = store.session()
+    carset = CarSet.open(cars, dataset=dataset, index=session)
+    try:
+        if not carset.cars:
+            why = "; ".join(carset.problems + carset.ignored) or "no *.car files"
+            raise PackerfsError(f"no usable packerfs CAR files in {_show(cars)}: {why}")
+        reader = FileReader(carset, keyring)  # builds the tree: FormatError for an unsafe manifest
+    except BaseException:
+        carset.close()
+        raise
+    seconds = time.monotonic() - started
+    info = {
+        "index": {
+            "cars_reused": len(session.reused),
+            "cars_scanned": len(session.scanned),
+            "blocks": len(session),
+            "seconds": round(seconds, 3),
+        }
+    }
+    return Generation(number, carset, reader, info)
+
+
+def _show(cars) -> str:
+    return cars if isinstance(cars, str) else " ".join(map(str, cars))
+
+
+def check_key(gen) -> None:
+    """KeyProblem (one line) unless the keys open a file of the set; a no-op for plain sets."""
+    carset, tree = gen.carset, gen.tree
+    if carset.cipher == "plain":
+        return
+    with_header = [fv for fv in (tree.files[p] for p in sorted(tree.files)) if 1 in fv.refs]
+    candidates = [fv for fv in with_header if fv.complete] + [fv for fv in with_header if not fv.complete]
+    last = None
+    for fv in candidates[:KEY_CHECK_FILES]:
+        try:
+            gen.reader.plaintext(fv.path)
+            return
+        except KeyProblem as exc:
+            hint = ""
+            if carset.cipher == "openpgp" and "no secret key" not in str(exc):
+                hint = (" (a secret key with a passphrase must be unlocked in gpg-agent before mounting, "
+                        "e.g. by decrypting any file with it: the mount daemon cannot ask for the passphrase)")
+            raise KeyProblem(
+                f"cannot decrypt {os.fsdecode(fv.path)!r} of the CAR set: {_strip(exc, fv.path).rstrip('.')}{hint}"
+            ) from None
+        except (IncompleteSet, FormatError) as exc:
+            last = exc  # a damaged or partial file says nothing about the key: try the next one
+    if last is not None:
+        log.warning("the keys could not be checked at mount time (%s); reads will tell", last)
+    elif tree.files:
+        log.warning("the keys could not be checked at mount time: no file's first part is in the set")
+
+
+def _strip(exc: Exception, path: bytes) -> str:
+    text = str(exc)
+    prefix = os.fsdecode(path) + ": "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+class Reloader:
+    """SIGHUP: open a new generation over the same index (in a thread) and install it."""
+
+    def __init__(self, view, cars, store, keyring, dataset):
+        self.view = view
+        self.cars = cars
+        self.store = store
+        self.keyring = keyring
+        self.dataset = dataset
+        self.running = False
+        self.again = False
+
+    async def __call__(self) -> None:
+        import trio
+
+        if self.running:
+            self.again = True  # one more pass once this one is done
+            return
+        self.running = True
+        try:
+            while True:
+                self.again = False
+                await self._reload_once(trio)
+                if not self.again:
+                    break
+        finally:
+            self.running = False
+
+    async def _reload_once(self, trio) -> None:
+        view = self.view
+        number = view.gen.number + 1
+        dataset = view.gen.carset.dataset
+        log.info("SIGHUP: re-reading %s", _show(self.cars))
+        try:
+            gen = await trio.to_thread.run_sync(open_generation, number, self.cars, self.store, self.keyring, dataset)
+        except PackerfsError as exc:
+            message = f"reload failed, still serving generation {view.gen.number}: {exc}"
+            log.error("%s", message)
+            view.state.add_error(message)
+            return
+        except Exception as exc:  # noqa: BLE001 - the mount keeps serving what it had
+            log.exception("reload failed")
+            view.state.add_error(f"reload failed: {type(exc).__name__}: {exc}")
+            return
+        stale = view.install(gen)
+        index = gen.summary["index"]
+        log.info(
+            "generation %d: %d CARs (%d from the index, %d scanned) in %.3f s, %d files, %d incomplete, "
+            "missing bins %s; %d cached names invalidated",
+            gen.number, len(gen.carset.cars), index["cars_reused"], index["cars_scanned"], index["seconds"],
+            gen.summary["files"], gen.summary["incomplete_count"], gen.summary["missing_bins"] or "none", stale,
+        )
+
+
+def serve_reverse(
+    cars,
+    mountpoint: str,
+    state_dir: str,
+    keyring,
+    *,
+    dataset=None,
+    allow_other: bool = False,
+    ready=lambda: None,
+    log_path: str | None = None,
+) -> int:
+    """Mount the reverse view of `cars` at `mountpoint`; serve until unmounted or signalled."""
+    from packerfs.fs.daemon import check_mountpoint, lock_state, serve_view, unwind_on_signals
+    from packerfs.fs.reverseview import ReverseState, ReverseView
+    from packerfs.unpack.lmdb_index import CarIndexStore
+
+    check_mountpoint(mountpoint)
+    lock_fd = lock_state(state_dir, mountpoint)
+    unwind_on_signals()
+    store = None
+    view = None
+    gen = None
+    try:
+        started = time.monotonic()
+        store = CarIndexStore(state_dir)
+        gen = open_generation(1, cars, store, keyring, dataset)
+        check_key(gen)
+        info = {
+            "cars_dir": _show(cars),
+            "state_dir": state_dir,
+            "mountpoint": mountpoint,
+            "pid": os.getpid(),
+            "log": log_path,
+            "mount_seconds": round(time.monotonic() - started, 3),
+        }
+        view = ReverseView(gen, ReverseState(info), threads=THREADS)
+        gen = None  # the view owns it now
+        summary = view.gen.summary
+        log.info(
+            "%d CARs (%d from the index, %d scanned, %d blocks) in %.3f s; %d files (%d incomplete), "
+            "missing bins %s, %d CARs skipped; keys checked; mounting at %s",
+            len(summary["cars"]), summary["index"]["cars_reused"], summary["index"]["cars_scanned"],
+            summary["index"]["blocks"], info["mount_seconds"], summary["files"], summary["incomplete_count"],
+            summary["missing_bins"] or "none", len(summary["skipped_cars"]), mountpoint,
+        )
+        for problem in summary["skipped_cars"]:
+            log.warning("%s", problem)
+        # Decrypting threads hold the GIL in short bursts; let the FUSE loop have it back sooner than every 5 ms.
+        sys.setswitchinterval(0.001)
+        serve_view(
+            view, mountpoint, allow_other=allow_other, ready=ready, services=[view.cache.run],
+            on_hangup=Reloader(view, cars, store, keyring, dataset),
+        )
+    finally:
+        if gen is not None:
+            gen.carset.close()
+        if view is not None:
+            view.close()
+        if store is not None:
+            store.close()
+        os.close(lock_fd)
+    return 0
