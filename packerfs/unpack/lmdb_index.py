@@ -28,8 +28,9 @@ returns the first location of a CID in one of them, as MemoryBlockIndex returns
 the first one added. Sessions of one store share its environment; LMDB gives any
 number of reader threads a consistent view while one session writes.
 
-Size: ~80 bytes of LMDB per block (a 36-byte key, an 18-byte location, B-tree
-overhead), about 80 bytes per MiB of CAR data, plus each CAR's manifest. Nothing
+Size: about 95 bytes of LMDB per block (a 36-byte key, an 18-byte location, B-tree
+overhead; 10,943 blocks of a 10.6 GiB set took 1.0 MB), so about 95 bytes per MiB
+of CAR data, plus each CAR's manifest. Nothing
 here is key material (invariant 5): manifests hold recipients' fingerprints only.
 """
 
