@@ -16,9 +16,10 @@ is split over two CARs. Then:
 - throughput: `dd bs=1M` of the first file through the mount (its pages dropped
   before each run, the CARs warm in the page cache), against `age -d` of the same
   age stream (FileReader.stream: the parts from the CARs, end to end, written to
-  a file once and kept warm), and FileReader.read in this process (no FUSE) to
-  show where the time goes. Runs are interleaved and the best of --runs counts;
-  CPU seconds per GiB of the mount daemon are reported.
+  a file once and kept warm), two `dd` of two files at once (two readers, total
+  MB/s), and FileReader.read in this process (no FUSE) to show where the time
+  goes. Runs are interleaved and the best of --runs counts;
+  CPU seconds per GiB of the mount daemon and of its worker processes are reported.
 """
 
 from __future__ import annotations
@@ -170,15 +171,21 @@ def main(argv: list[str]) -> int:
         seconds, status = mount(cars, mnt, state, key)
         pid = status["pid"]
         on_mount = mnt / os.fsdecode(target)
-        results = {"reverse mount, dd bs=1M": [], "age -d": []}
+        second = mnt / "f01.bin"  # read beside the first: two readers of two files (other bins)
+        results = {"reverse mount, dd bs=1M": [], "age -d": [], "two readers": []}
         try:
             for i in range(args.runs):
                 warm(holding + [stream_file])
                 results["reverse mount, dd bs=1M"].append(timed_dd([(on_mount, 0, 0)], pid))
                 took = timed(["age", "-d", "-i", key, "-o", "/dev/null", stream_file])
                 results["age -d"].append((fv.size / took / 1e6, took, (0.0, 0.0)))
+                if second.exists():
+                    warm(holding + [stream_file] + [c for c in car_files if c not in holding][:2])
+                    results["two readers"].append(timed_dd([(on_mount, 0, 0), (second, 0, 0)], pid))
                 print(f"run {i + 1}: mount {results['reverse mount, dd bs=1M'][-1][0]:.0f} MB/s, "
-                      f"age -d {results['age -d'][-1][0]:.0f} MB/s", file=sys.stderr)
+                      f"age -d {results['age -d'][-1][0]:.0f} MB/s"
+                      + (f", two readers {results['two readers'][-1][0]:.0f} MB/s" if results["two readers"] else ""),
+                      file=sys.stderr)
         finally:
             umount(mnt)
         report(results, plain, mounts, count, file_size, car_files, car_bytes, bins, pack_seconds, fv.size)
@@ -197,8 +204,13 @@ def report(results, plain, mounts, count, file_size, car_files, car_bytes, bins,
     print(f"sequential read of a {size / GiB:.2f} GiB age file in {len(bins)} CARs (bins {bins}), best of "
           f"{len(plain)} runs; {load_note()}")
     print(f"  reverse mount, dd bs=1M     {best['reverse mount, dd bs=1M']:7.0f} MB/s   "
-          f"daemon CPU {fastest[2][0] / gib:.2f} s per GiB")
+          f"daemon CPU {fastest[2][0] / gib:.2f} s per GiB, its worker processes {fastest[2][1] / gib:.2f}")
     print(f"  age -d of the same stream   {best['age -d']:7.0f} MB/s")
+    if results["two readers"]:
+        two = max(results["two readers"], key=lambda r: r[0])
+        print(f"  two readers (f00 + f01)     {two[0]:7.0f} MB/s   (total; daemon CPU "
+              f"{two[2][0] / (two[0] * 1e6 * two[1] / GiB):.2f} s per GiB, workers "
+              f"{two[2][1] / (two[0] * 1e6 * two[1] / GiB):.2f})")
     print(f"  FileReader.read, no FUSE    {max(plain):7.0f} MB/s   (this process, 1 MiB requests)")
     ratio = best["reverse mount, dd bs=1M"] / best["age -d"]
     print(f"  mount / age -d: {ratio:.2f}x (target >= {TARGET_RATIO})  {'ok' if ratio >= TARGET_RATIO else 'MISSED'}")

@@ -1242,14 +1242,15 @@ class AgePlaintext:
     def size(self) -> int:
         return self._size
 
-    def _decrypt(self, first: int, count: int) -> tuple[int, bytearray]:
-        """Decrypt chunks [first, first+count); -> (plain length, plaintext)."""
+    def _decrypt(self, first: int, count: int, into=None) -> tuple[int, bytearray]:
+        """Decrypt chunks [first, first+count); -> (plain length, plaintext). With `into` (a writable
+        buffer of at least the plain length), the plaintext is written there and `into` returned."""
         start = self._base + first * ENC_CHUNK_SIZE
         end = min(self._base + (first + count) * ENC_CHUNK_SIZE, self._stream.size)
         ct = self._stream.read(start, end - start)
         if len(ct) != end - start:
             raise FormatError("age stream is shorter than its stated size", path=self._name, offset=start + len(ct))
-        out = bytearray(len(ct) - TAG_SIZE * count)
+        out = bytearray(len(ct) - TAG_SIZE * count) if into is None else into
         mv_ct, mv_out = memoryview(ct), memoryview(out)
         last = self._n_chunks - 1
         p = o = 0
@@ -1267,7 +1268,25 @@ class AgePlaintext:
                 ) from None
             p += n
             o += n - TAG_SIZE
-        return len(out), out
+        return o, out
+
+    def read_into(self, offset: int, buffer) -> int:
+        """Plaintext from `offset` into the writable `buffer` (up to its length, clipped to the end);
+        returns the length. A range of whole chunks is decrypted in place, without a copy."""
+        buffer = memoryview(buffer).cast("B")
+        end = min(offset + len(buffer), self._size)
+        if offset < 0:
+            raise ValueError("negative offset")
+        if offset >= end:
+            return 0
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        whole = (last + 1) * CHUNK_SIZE == end or end == self._size
+        if offset % CHUNK_SIZE or not whole or (self._cache is not None and self._cache[0] in (first, last)):
+            data = self.read(offset, end - offset)
+            buffer[: len(data)] = data
+            return len(data)
+        length, _ = self._decrypt(first, last - first + 1, buffer)
+        return length
 
     def read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:

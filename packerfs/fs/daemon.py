@@ -186,13 +186,14 @@ def serve(
 
     from packerfs.fs.blocks import WindowCache
     from packerfs.fs.packview import PackView, ViewState
-    from packerfs.fs.workers import ProcessReaders, ThreadReaders
+    from packerfs.fs.workers import ProcessReaders, ThreadReaders, bin_readers
     from packerfs.pack.reader import BinReader
 
     check_mountpoint(mountpoint)
     lock_fd = lock_state(state_dir, mountpoint)
     # Forked first: before the index is opened, any thread started or /dev/fuse opened.
-    workers = ProcessReaders(open_engine, PROCESSES, WINDOW, LEAVES) if PROCESSES else None
+    open_reader, encode = bin_readers(open_engine, LEAVES)
+    workers = ProcessReaders(open_reader, PROCESSES, WINDOW, encode) if PROCESSES else None
     unwind_on_signals()
     engine = None
     scan = None

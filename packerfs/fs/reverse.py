@@ -5,6 +5,10 @@
                       build the tree, try the keys on the first file, mount, and serve until
                       unmounted or SIGINT/SIGTERM. SIGHUP re-reads CARS (new CARs appear).
 
+The plaintext is regenerated in worker processes (packerfs.fs.workers), each with
+its own CarSet over the same LMDB index and its own FileReader, so decryption and
+hashing run on every core while the daemon only copies bytes to the kernel.
+
 Everything that can be wrong with the keys is found before the file system is
 mounted, and reported in one line by `packerfs mount` (exit 1): an identity file
 that is missing or unreadable (KeyRing), identities that open none of the files
@@ -14,8 +18,10 @@ that is missing or unreadable (KeyRing), identities that open none of the files
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import struct
 import sys
 import time
 
@@ -23,7 +29,7 @@ from packerfs.errors import FormatError, IncompleteSet, KeyProblem, PackerfsErro
 
 log = logging.getLogger("packerfs.fs")
 
-THREADS = 4  # worker threads reading blocks and decrypting (hashlib and pread release the GIL)
+THREADS = 4  # threads reading blocks and decrypting if every worker process died
 KEY_CHECK_FILES = 5  # files tried (in path order, complete ones first) before giving up on a key check
 
 
@@ -60,6 +66,95 @@ def open_generation(number: int, cars, store, keyring, dataset=None):
         }
     }
     return Generation(number, carset, reader, info)
+
+
+# ---------------------------------------------------------------- worker processes
+#
+# The `cryptography` AEAD call and Python's copies hold the GIL, so the plaintext is
+# regenerated in worker processes (packerfs.fs.workers), each with its own CarSet over
+# the same LMDB index (every CAR is taken from it unread) and its own FileReader. A
+# read's key is (generation number, path); the daemon tells every worker to open a
+# generation (the exact CARs the daemon's has) before it serves it, and to close it
+# once the daemon closed its own.
+
+_GEN = struct.Struct("<I")
+
+
+def encode_key(key) -> bytes:
+    """The worker's key for the view's window key (Generation, inode, path)."""
+    gen, _, path = key
+    return _GEN.pack(gen.number) + path
+
+
+def open_message(gen) -> bytes:
+    carset = gen.carset
+    return json.dumps({
+        "open": gen.number,
+        "cars": [car.path for car in carset.cars],
+        "dataset": carset.dataset.hex() if carset.dataset else None,
+    }).encode()
+
+
+def close_message(number: int) -> bytes:
+    return json.dumps({"close": number}).encode()
+
+
+class GenerationReaders:
+    """A worker process's reader: FileReaders of the generations the daemon serves."""
+
+    def __init__(self, state_dir: str, keyring):
+        from packerfs.unpack.lmdb_index import CarIndexStore
+
+        self.keyring = keyring
+        self.store = CarIndexStore(state_dir, maintain=False)  # the daemon owns the store's upkeep
+        self.gens: dict[int, tuple] = {}
+
+    def control(self, message: bytes) -> bytes:
+        from packerfs.unpack import CarSet, FileReader
+
+        request = json.loads(message)
+        if "close" in request:
+            gen = self.gens.pop(request["close"], None)
+            if gen is not None:
+                gen[0].close()
+            return b""
+        number = request["open"]
+        if number in self.gens:
+            return b""
+        carset = CarSet.open(request["cars"], dataset=request["dataset"], index=self.store.session())
+        try:
+            if [car.path for car in carset.cars] != request["cars"]:
+                raise PackerfsError(
+                    f"generation {number}: the worker's CAR set differs from the daemon's "
+                    f"({'; '.join(carset.problems) or 'CARs changed while opening'})"
+                )
+            reader = FileReader(carset, self.keyring)
+        except BaseException:
+            carset.close()
+            raise
+        self.gens[number] = (carset, reader)
+        return b""
+
+    def read(self, key: bytes, offset: int, size: int) -> bytes:
+        number = _GEN.unpack_from(key)[0]
+        gen = self.gens.get(number)
+        if gen is None:
+            raise PackerfsError(f"generation {number} is not open in worker process {os.getpid()}")
+        return gen[1].read(key[_GEN.size :], offset, size)
+
+    def read_into(self, key: bytes, offset: int, buffer) -> int:
+        """read() into the worker's shared-memory slot: the plaintext is decrypted straight there."""
+        number = _GEN.unpack_from(key)[0]
+        gen = self.gens.get(number)
+        if gen is None:
+            raise PackerfsError(f"generation {number} is not open in worker process {os.getpid()}")
+        return gen[1].read_into(key[_GEN.size :], offset, buffer)
+
+    def close(self) -> None:
+        for carset, _ in self.gens.values():
+            carset.close()
+        self.gens.clear()
+        self.store.close()
 
 
 def _show(cars) -> str:
@@ -103,8 +198,9 @@ def _strip(exc: Exception, path: bytes) -> str:
 class Reloader:
     """SIGHUP: open a new generation over the same index (in a thread) and install it."""
 
-    def __init__(self, view, cars, store, keyring, dataset):
+    def __init__(self, view, cars, store, keyring, dataset, workers=None):
         self.view = view
+        self.workers = workers
         self.cars = cars
         self.store = store
         self.keyring = keyring
@@ -144,6 +240,15 @@ class Reloader:
             log.exception("reload failed")
             view.state.add_error(f"reload failed: {type(exc).__name__}: {exc}")
             return
+        if self.workers is not None and self.workers.alive:
+            errors = await self.workers.control(open_message(gen))
+            if errors:
+                await self.workers.control(close_message(gen.number))
+                gen.carset.close()
+                message = f"reload failed, still serving generation {view.gen.number}: " + "; ".join(errors)
+                log.error("%s", message)
+                view.state.add_error(message)
+                return
         stale = view.install(gen)
         index = gen.summary["index"]
         log.info(
@@ -166,12 +271,17 @@ def serve_reverse(
     log_path: str | None = None,
 ) -> int:
     """Mount the reverse view of `cars` at `mountpoint`; serve until unmounted or signalled."""
-    from packerfs.fs.daemon import check_mountpoint, lock_state, serve_view, unwind_on_signals
+    from packerfs.fs.daemon import PROCESSES, WINDOW, check_mountpoint, lock_state, serve_view, unwind_on_signals
     from packerfs.fs.reverseview import ReverseState, ReverseView
+    from packerfs.fs.workers import ProcessReaders
     from packerfs.unpack.lmdb_index import CarIndexStore
 
     check_mountpoint(mountpoint)
     lock_fd = lock_state(state_dir, mountpoint)
+    # Forked first: before the index is opened, any thread started or /dev/fuse opened.
+    workers = None
+    if PROCESSES:
+        workers = ProcessReaders(lambda: GenerationReaders(state_dir, keyring), PROCESSES, WINDOW, encode_key)
     unwind_on_signals()
     store = None
     view = None
@@ -181,6 +291,8 @@ def serve_reverse(
         store = CarIndexStore(state_dir)
         gen = open_generation(1, cars, store, keyring, dataset)
         check_key(gen)
+        if workers is not None:
+            workers.open_engines(message=open_message(gen))  # each opens generation 1 over the index
         info = {
             "cars_dir": _show(cars),
             "state_dir": state_dir,
@@ -189,25 +301,28 @@ def serve_reverse(
             "log": log_path,
             "mount_seconds": round(time.monotonic() - started, 3),
         }
-        view = ReverseView(gen, ReverseState(info), threads=THREADS)
+        view = ReverseView(gen, ReverseState(info), threads=THREADS, workers=workers)
         gen = None  # the view owns it now
         summary = view.gen.summary
         log.info(
             "%d CARs (%d from the index, %d scanned, %d blocks) in %.3f s; %d files (%d incomplete), "
-            "missing bins %s, %d CARs skipped; keys checked; mounting at %s",
+            "missing bins %s, %d CARs skipped; keys checked; %d worker processes; mounting at %s",
             len(summary["cars"]), summary["index"]["cars_reused"], summary["index"]["cars_scanned"],
             summary["index"]["blocks"], info["mount_seconds"], summary["files"], summary["incomplete_count"],
-            summary["missing_bins"] or "none", len(summary["skipped_cars"]), mountpoint,
+            summary["missing_bins"] or "none", len(summary["skipped_cars"]), PROCESSES if workers else 0, mountpoint,
         )
         for problem in summary["skipped_cars"]:
             log.warning("%s", problem)
         # Decrypting threads hold the GIL in short bursts; let the FUSE loop have it back sooner than every 5 ms.
         sys.setswitchinterval(0.001)
         serve_view(
-            view, mountpoint, allow_other=allow_other, ready=ready, services=[view.cache.run],
-            on_hangup=Reloader(view, cars, store, keyring, dataset),
+            view, mountpoint, allow_other=allow_other, ready=ready,
+            services=[view.cache.run, *([workers.run] if workers is not None else [])],
+            on_hangup=Reloader(view, cars, store, keyring, dataset, workers),
         )
     finally:
+        if workers is not None:
+            workers.close()
         if gen is not None:
             gen.carset.close()
         if view is not None:

@@ -7,9 +7,10 @@
 
 No format logic lives here: a path maps to FileReader (packerfs.unpack), which
 reads only the blocks a range needs, checks each against its CID and decrypts
-only the age chunks or CFB blocks touched. Reads run in worker threads, in
-aligned windows (packerfs.fs.blocks.WindowCache) so the kernel's small
-sequential requests are answered from memory while the next window is read.
+only the age chunks or CFB blocks touched. Reads run in worker processes
+(packerfs.fs.workers; in threads if they all died), in aligned windows
+(packerfs.fs.blocks.WindowCache) so the kernel's small sequential requests are
+answered from memory while the next window is read.
 
 A *generation* is one CarSet + FileReader. SIGHUP (or a remount) opens a new one
 over the same LMDB index, so added CARs appear; open files keep the generation
@@ -81,6 +82,7 @@ class Generation:
         self.reader = reader
         self.tree = reader.tree
         self.users = 0
+        self.on_close = None  # called with the number once closed (the view tells its worker processes)
         self.superseded = False
         self.closed = False
         self.lock = threading.Lock()
@@ -149,6 +151,8 @@ class Generation:
     def _close(self) -> None:
         log.info("generation %d closed", self.number)
         self.carset.close()
+        if self.on_close is not None:
+            self.on_close(self.number)
 
     def has(self, key: tuple) -> bool:
         entry = self.tree.entries.get(key[1])
@@ -195,8 +199,13 @@ class ReverseView(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, gen: Generation, state: ReverseState, *, threads: int = 4, window: int = WINDOW,
-                 cache_bytes: int = 64 << 20, ahead: int = 3):
+                 cache_bytes: int = 64 << 20, ahead: int = 3, workers=None):
+        """`workers`: a packerfs.fs.workers.ProcessReaders whose workers have opened `gen` (see
+        packerfs.fs.reverse); reads fall back to threads on the generation's own FileReader if
+        every worker process died."""
         super().__init__()
+        self.workers = workers
+        gen.on_close = self._closed
         self.gen = gen
         self.generations = [gen]  # live ones, newest last (open files may hold older ones)
         self.state = state
@@ -204,7 +213,8 @@ class ReverseView(pyfuse3.Operations):
         self.gid = os.getgid()
         self.mount_ns = time.time_ns()
         self.limiter = trio.CapacityLimiter(threads)
-        self.cache = WindowCache(self._read_window, window=window, capacity=max(4, cache_bytes // window), ahead=ahead)
+        self.cache = WindowCache(self._read_window, window=window, capacity=max(4, cache_bytes // window), ahead=ahead,
+                                 serialize=workers is None)
         self.inodes: dict[tuple, int] = {(DIR, b""): ROOT}
         self.nodes: dict[int, tuple[tuple, TreeEntry]] = {}
         self.next_ino = FIRST_INO
@@ -224,6 +234,7 @@ class ReverseView(pyfuse3.Operations):
         """Make `gen` current (trio thread). Returns how many cached names were invalidated."""
         old = self.gen
         gen.acquire()
+        gen.on_close = self._closed
         self.gen = gen
         self.generations.append(gen)
         stale = 0
@@ -261,8 +272,26 @@ class ReverseView(pyfuse3.Operations):
         gen.release()
         self.generations = [g for g in self.generations if not g.closed]
 
+    def _closed(self, number: int) -> None:
+        """A generation closed: its worker processes close theirs too (after the reads sent before)."""
+        workers = self.workers
+        if workers is None or not workers.alive:
+            return
+        from packerfs.fs.reverse import close_message
+
+        async def tell() -> None:
+            errors = await workers.control(close_message(number))
+            for error in errors:
+                log.warning("closing generation %d: %s", number, error)
+
+        try:
+            trio.lowlevel.spawn_system_task(tell)
+        except RuntimeError:
+            pass  # not in trio (at unmount): the workers are stopped anyway
+
     def close(self) -> None:
         """At unmount: close every generation."""
+        self.workers = None  # stopped by the caller
         for gen in self.generations:
             if not gen.closed:
                 gen.closed = True
@@ -416,6 +445,8 @@ class ReverseView(pyfuse3.Operations):
         gen, _, path = key
         gen.acquire()
         try:
+            if self.workers is not None and self.workers.alive:
+                return await self.workers.read(key, offset, size)
             return await trio.to_thread.run_sync(gen.reader.read, path, offset, size, limiter=self.limiter)
         finally:
             gen.release()

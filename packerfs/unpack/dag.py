@@ -170,11 +170,13 @@ class FileDag:
 
     def read(self, cid: bytes, size: int, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file of `size` bytes whose root is `cid`."""
-        out: list[bytes] = []
+        out: list = []  # bytes, or memoryviews of the parts of blocks the range needs
         start, end = max(start, 0), min(end, size)
         if start < end or size == 0:
             self._read(cid, size, start, max(start, end), out, 0)
-        return b"".join(out)
+        if len(out) == 1 and type(out[0]) is bytes:
+            return out[0]  # one whole leaf: no copy
+        return b"".join(out)  # the only copy of the bytes
 
     def _read(self, cid: bytes, size: int, start: int, end: int, out: list, depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -183,13 +185,13 @@ class FileDag:
             block = self.load_leaf(cid)
             if len(block) != size:
                 raise _fail(self.src, cid, f"raw leaf is {len(block)} bytes, its parent says {size}")
-            out.append(block[start:end] if (start, end) != (0, size) else block)
+            out.append(memoryview(block)[start:end] if (start, end) != (0, size) else block)
             return
         node = self.load_node(cid)
         if node.filesize != size:
             raise _fail(self.src, cid, f"file node holds {node.filesize} bytes, its parent says {size}")
         if start < len(node.data):
-            out.append(node.data[start:end])
+            out.append(memoryview(node.data)[start:end])
         if not node.links or end <= len(node.data):
             return
         i = max(bisect.bisect_right(node.starts, start) - 1, 0)

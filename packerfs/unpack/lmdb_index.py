@@ -70,7 +70,9 @@ def _stamp(st: os.stat_result) -> list[int]:
 class CarIndexStore:
     """The LMDB environment in a state directory; hands out sessions (one per CarSet)."""
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, *, maintain: bool = True):
+        """`maintain`: start over if the store is of another format or mostly garbage. False for a
+        second process on a store its owner keeps open (the reverse mount's worker processes)."""
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DIRNAME)
         try:
@@ -83,6 +85,8 @@ class CarIndexStore:
         self.blocks = self.env.open_db(b"blocks")
         self.write_lock = threading.Lock()  # one writing session at a time (LMDB would block anyway)
         self.started_over = False
+        if not maintain:
+            return
         with self.env.begin(write=True) as txn:
             found = txn.get(b"format", db=self.meta)
             if found is not None and int(found) != FORMAT:

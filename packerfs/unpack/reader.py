@@ -179,6 +179,23 @@ class FileReader:
             return b""
         return self.plaintext(path).read(offset, size)
 
+    def read_into(self, path: bytes | str, offset: int, buffer) -> int:
+        """Plaintext from `offset` into the writable `buffer` (up to its length, clipped to the file's
+        end); returns the length. The age decryptor writes whole chunks there without a copy."""
+        buffer = memoryview(buffer).cast("B")
+        if offset < 0:
+            raise ValueError("negative offset")
+        fv = self.version(path)
+        if not len(buffer) or offset >= fv.size:
+            return 0
+        plain = self.plaintext(path)
+        read_into = getattr(plain, "read_into", None)
+        if read_into is not None:
+            return read_into(offset, buffer)
+        data = plain.read(offset, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def iter_verified(self, path: bytes | str, chunk_size: int = 4 << 20) -> Iterator[bytes]:
         """The whole plaintext in order, authenticated as it streams (age tags, OpenPGP MDC at the end)."""
         return iter_plaintext(self.plaintext(path), chunk_size)
