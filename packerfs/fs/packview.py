@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
+from packerfs.fs.readonly import ReadOnlyOperations
 from packerfs.errors import PackerfsError
 from packerfs.fs.blocks import WindowCache
 from packerfs.pack.writer import car_name, manifest_csv, manifest_json
@@ -177,7 +178,7 @@ class _Handle:
     next_offset: int = 0
 
 
-class PackView(pyfuse3.Operations):
+class PackView(ReadOnlyOperations):
     supports_dot_lookup = False
 
     def __init__(self, state: ViewState, cache: WindowCache):
@@ -342,17 +343,3 @@ class PackView(pyfuse3.Operations):
         out.f_ffree = out.f_favail = 0
         out.f_namemax = 255
         return out
-
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode, ctx):
-        return []
-
-    # ------------------------------------------------------------ read-only
-
-    async def _erofs(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    setattr = write = create = mknod = mkdir = unlink = rmdir = _erofs
-    rename = link = symlink = setxattr = removexattr = _erofs

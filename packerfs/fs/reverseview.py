@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from packerfs.fs.readonly import ReadOnlyOperations
 from packerfs.errors import IncompleteSet, PackerfsError
 from packerfs.fs.blocks import WindowCache
 from packerfs.unpack.tree import DIR, FILE, SYMLINK, TreeEntry
@@ -195,7 +196,7 @@ class _Handle:
     next_offset: int = 0
 
 
-class ReverseView(pyfuse3.Operations):
+class ReverseView(ReadOnlyOperations):
     supports_dot_lookup = False
 
     def __init__(self, gen: Generation, state: ReverseState, *, threads: int = 4, window: int = WINDOW,
@@ -508,17 +509,3 @@ class ReverseView(pyfuse3.Operations):
         out.f_ffree = out.f_favail = 0
         out.f_namemax = 255
         return out
-
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode, ctx):
-        return []
-
-    # ------------------------------------------------------------ read-only
-
-    async def _erofs(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    setattr = write = create = mknod = mkdir = unlink = rmdir = _erofs
-    rename = link = symlink = setxattr = removexattr = _erofs

@@ -1,0 +1,21 @@
+"""What every packerfs view shares: no extended attributes, and EROFS for anything that writes."""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+
+
+class ReadOnlyOperations(pyfuse3.Operations):
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    async def _erofs(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = write = create = mknod = mkdir = unlink = rmdir = _erofs
+    rename = link = symlink = setxattr = removexattr = _erofs
