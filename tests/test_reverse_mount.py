@@ -25,7 +25,7 @@ import pytest
 from conftest import packerfs
 from packerfs.crypt import write_age_identity
 from packerfs.unpack import CarSet, dag
-from test_mount import OP_TIMEOUT, _fuse_available, mounted_at, pid_alive, wait_for, within  # noqa: F401
+from test_mount import OP_TIMEOUT, Mount, _fuse_available, mounted_at, pid_alive, wait_for, within  # noqa: F401
 from test_unpack import HUGE, assert_same_tree, make_tree, make_writable
 
 pytestmark = pytest.mark.fuse
@@ -39,34 +39,11 @@ AGE_CHUNK, AGE_TAG = 64 << 10, 16
 # ---------------------------------------------------------------- helpers
 
 
-class ReverseMount:
+class ReverseMount(Mount):
+    """test_mount's Mount (start, status, stop with every fallback), over a directory of CARs."""
+
     def __init__(self, cars: Path, mnt: Path, state: Path, options: list):
-        self.cars, self.mnt, self.state, self.options = cars, mnt, state, [str(o) for o in options]
-        self.pid: int | None = None
-
-    def start(self, check: bool = True) -> subprocess.CompletedProcess:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        result = packerfs("mount", "--reverse", self.cars, self.mnt, "-t", self.state, *self.options,
-                          check=False, timeout=60)
-        if check:
-            assert result.returncode == 0, result.stderr.decode()
-            assert mounted_at(self.mnt)
-            self.pid = self.status()["pid"]
-        return result
-
-    def status(self) -> dict:
-        return json.loads(within(OP_TIMEOUT, (self.mnt / STATUS).read_bytes))
-
-    def stop(self) -> None:
-        try:
-            if mounted_at(self.mnt):
-                packerfs("umount", self.mnt, "--timeout", "15", check=False, timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.pid and pid_alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
-        if mounted_at(self.mnt):
-            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True, timeout=30)
+        super().__init__(cars, mnt, state, ["--reverse", *options])
 
 
 @contextmanager
