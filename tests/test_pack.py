@@ -545,3 +545,17 @@ def test_index_of_another_format_is_refused(tmp_path, source):
     engine.close()
     with pytest.raises(UsageError, match="format"):
         Index(str(tmp_path / "state"))
+
+
+def test_state_holds_no_usable_key_material(tmp_path, source):
+    """Invariant 5: the index never contains the dataset secret; the secret file is 0600."""
+    engine = _age_engine(tmp_path, source)
+    engine.scan()
+    secret = engine.secret
+    engine.close()
+    key_file = tmp_path / "state" / "dataset.key"
+    assert (key_file.stat().st_mode & 0o777) == 0o600
+    index_bytes = b"".join(p.read_bytes() for p in (tmp_path / "state" / "index.lmdb").iterdir())
+    assert len(index_bytes) > 0
+    for i in range(0, len(secret) - 7):
+        assert secret[i : i + 8] not in index_bytes
