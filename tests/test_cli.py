@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,59 @@ def test_demo_runs_the_main_job(tmp_path):
     result = packerfs("demo", "--dir", tmp_path / "demo")
     text = result.stdout.decode()
     assert "$ packerfs pack" in text and "$ packerfs unpack" in text and "matches the original" in text
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: writing more fails with ENOSPC, like a full drive."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(where)], check=True, timeout=30)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], timeout=30)
+
+
+def test_full_disk_while_packing_is_one_line_and_resumable(tmp_path, small_disk):
+    src = tmp_path / "src"
+    write_random(src / "a.bin", 5 * MiB, 1)
+    write_random(src / "b.bin", 5 * MiB, 2)
+    out = small_disk / "cars"
+    args = ["pack", src, out, "--no-encryption", "--bin-size", "4MiB", "-t", tmp_path / "state"]
+    full = packerfs(*args, check=False)
+    assert full.returncode == 1
+    message = one_line_error(full)
+    assert "disk full" in message or "No space" in message
+    assert not list(out.glob("*.partial")), "the unfinished CAR is removed, never left looking like one"
+    # whatever is there under a final name is a complete, sealed CAR: every block reads and checks out
+    from packerfs.ipld.car import CarReader
+
+    for car_path in out.glob("*.car"):
+        with CarReader(car_path) as reader:
+            assert sum(1 for _ in reader.blocks()) > 0
+    done_before = {p.name for p in out.glob("*.car")}
+    # with room again, the same command finishes the job, keeping what was sealed
+    roomy = tmp_path / "roomy"
+    shutil.copytree(out, roomy)
+    packerfs("pack", src, roomy, "--no-encryption", "--bin-size", "4MiB", "-t", tmp_path / "state")
+    assert done_before <= {p.name for p in roomy.glob("*.car")}
+    assert json.loads(packerfs("verify", roomy, "--json").stdout)["ok"]
+    assert not list(roomy.glob("*.partial"))
+
+
+def test_full_disk_while_unpacking_leaves_no_false_file(tmp_path, small_disk):
+    src = tmp_path / "src"
+    write_random(src / "small.txt", 1000, 1)
+    write_random(src / "z-big.bin", 9 * MiB, 2)
+    cars = tmp_path / "cars"
+    packerfs("pack", src, cars, "--no-encryption", "--bin-size", "4MiB", "-t", tmp_path / "state")
+    out = small_disk / "restored"
+    result = packerfs("unpack", cars, out, check=False)
+    assert result.returncode == 1
+    message = one_line_error(result)
+    assert "disk full" in message or "No space" in message
+    assert not (out / "z-big.bin").exists()
+    assert not list(out.rglob("*.packerfs-partial"))
