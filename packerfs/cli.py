@@ -100,6 +100,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from packerfs.errors import EXIT_INCOMPLETE
     from packerfs.pack.writer import car_name
 
+    from packerfs.index.lock import lock_state
+    from packerfs.pack import default_state_dir
+
+    state_dir = args.temp or default_state_dir(args.source)
+    lock = lock_state(state_dir, f"packing {os.path.abspath(args.source)}")
     engine = open_engine(args)
     try:
         with progress("packing", None) as advance:
@@ -111,6 +116,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             engine.write(args.output, advance)
     finally:
         engine.close()
+        os.close(lock)
     skipped = [p for p in report.problems if p.fatal]
     result = {
         "output": os.path.abspath(args.output),

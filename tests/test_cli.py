@@ -223,3 +223,19 @@ def test_full_disk_while_unpacking_leaves_no_false_file(tmp_path, small_disk):
     assert "disk full" in message or "No space" in message
     assert not (out / "z-big.bin").exists()
     assert not list(out.rglob("*.packerfs-partial"))
+
+
+def test_one_writer_per_state_directory(tmp_path):
+    """A pack refuses a state directory another packerfs process (a mount, another pack) is writing."""
+    from packerfs.index.lock import lock_state
+
+    src = tmp_path / "src"
+    write_random(src / "a", 100, 1)
+    held = lock_state(str(tmp_path / "state"), "serving /mnt/somewhere")
+    try:
+        result = packerfs("pack", src, tmp_path / "out", "--no-encryption", "-t", tmp_path / "state", check=False)
+        assert result.returncode == 2
+        assert "serving /mnt/somewhere" in one_line_error(result)
+    finally:
+        os.close(held)
+    packerfs("pack", src, tmp_path / "out", "--no-encryption", "-t", tmp_path / "state")

@@ -18,7 +18,6 @@ chunk it reads (what it had not sealed is redone, identically, next time).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -28,11 +27,11 @@ import time
 from typing import Awaitable, Callable, Sequence
 
 from packerfs.errors import PackerfsError, UsageError
+from packerfs.index import lock as index_lock
 
 log = logging.getLogger("packerfs.fs")
 
 LOG_NAME = "mount.log"
-LOCK_NAME = "mount.lock"
 PROCESSES = max(2, min(4, os.cpu_count() or 2))  # worker processes regenerating bytes (packerfs.fs.workers)
 THREADS = 2  # threads regenerating bytes if every worker process died
 WINDOW = 1 << 20  # bytes regenerated per request to a worker (packerfs.fs.blocks)
@@ -83,19 +82,8 @@ def check_mountpoint(mountpoint: str) -> None:
 
 
 def lock_state(state_dir: str, mountpoint: str) -> int:
-    """One mount per state directory (its index has one writer); returns the lock's fd, to close at exit."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UsageError(f"state directory {state_dir} is in use by a running mount ({holder}); unmount it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} serving {mountpoint}\n".encode(), 0)
-    return fd
+    """One mount (or pack) per state directory; returns the lock's fd, to close at exit."""
+    return index_lock.lock_state(state_dir, f"serving {mountpoint}")
 
 
 def _tune_readahead(mountpoint: str) -> None:
