@@ -498,14 +498,23 @@ def parse_recipients_text(text: str, source: str) -> list[Recipient]:
     return out
 
 
-def read_recipients_file(path: str) -> list[Recipient]:
+_KEY_FILE_LIMIT = 16 * 1024 * 1024
+
+
+def _read_key_file(path: str, what: str, error: type[Exception]) -> bytes:
+    """A recipients or identity file, read whole; anything larger than any real one is refused."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(16 * 1024 * 1024 + 1)
+            data = f.read(_KEY_FILE_LIMIT + 1)
     except OSError as e:
-        raise UsageError(f"{path}: cannot read recipients file: {e.strerror}.") from None
-    if len(raw) > 16 * 1024 * 1024:
-        raise UsageError(f"{path}: recipients file is too large.")
+        raise error(f"{path}: cannot read {what}: {e.strerror}.") from None
+    if len(data) > _KEY_FILE_LIMIT:
+        raise error(f"{path}: {what} is too large.")
+    return data
+
+
+def read_recipients_file(path: str) -> list[Recipient]:
+    raw = _read_key_file(path, "recipients file", UsageError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -740,14 +749,7 @@ def parse_identities(data: bytes, path: str) -> list[Identity]:
 
 
 def load_identity_file(path: str) -> list[Identity]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(16 * 1024 * 1024 + 1)
-    except OSError as e:
-        raise KeyProblem(f"{path}: cannot read identity file: {e.strerror}.") from None
-    if len(data) > 16 * 1024 * 1024:
-        raise KeyProblem(f"{path}: identity file is too large.")
-    return parse_identities(data, path)
+    return parse_identities(_read_key_file(path, "identity file", KeyProblem), path)
 
 
 # --------------------------------------------------------------------------- header

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pyfuse3
 
@@ -19,3 +20,9 @@ class ReadOnlyOperations(pyfuse3.Operations):
 
     setattr = write = create = mknod = mkdir = unlink = rmdir = _erofs
     rename = link = symlink = setxattr = removexattr = _erofs
+
+    @staticmethod
+    def refuse_writes(flags: int) -> None:
+        """open() with anything but read-only intent gets EROFS."""
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)

@@ -420,8 +420,7 @@ class ReverseView(ReadOnlyOperations):
     # ------------------------------------------------------------ files
 
     async def open(self, inode, flags, ctx):
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        self.refuse_writes(flags)
         fh = self._new_fh()
         info = pyfuse3.FileInfo(fh=fh)
         if inode == STATUS_INO:
