@@ -25,7 +25,7 @@ import pytest
 from conftest import packerfs
 from packerfs.crypt import write_age_identity
 from packerfs.unpack import CarSet, dag
-from test_mount import OP_TIMEOUT, Mount, _fuse_available, mounted_at, pid_alive, wait_for, within  # noqa: F401
+from test_mount import OP_TIMEOUT, Mount, _fuse_available, mount, mounted_at, pid_alive, wait_for, within  # noqa: F401
 from test_unpack import HUGE, assert_same_tree, make_tree, make_writable
 
 pytestmark = pytest.mark.fuse
@@ -39,22 +39,11 @@ AGE_CHUNK, AGE_TAG = 64 << 10, 16
 # ---------------------------------------------------------------- helpers
 
 
-class ReverseMount(Mount):
-    """test_mount's Mount (start, status, stop with every fallback), over a directory of CARs."""
-
-    def __init__(self, cars: Path, mnt: Path, state: Path, options: list):
-        super().__init__(cars, mnt, state, ["--reverse", *options])
-
-
 @contextmanager
 def reverse_mount(cars: Path, mnt: Path, state: Path, *options):
-    m = ReverseMount(cars, mnt, state, list(options))
-    try:
-        m.start()
+    """test_mount's mount() (start, status, stop with every fallback) over a directory of CARs."""
+    with mount(cars, mnt, state, "--reverse", *options) as m:
         yield m
-    finally:
-        m.stop()
-    assert not mounted_at(mnt)
 
 
 def preads(path: Path, ranges) -> list:
@@ -331,7 +320,7 @@ def test_key_problems_fail_the_mount_in_one_line(age_pack, packs, work, tmp_path
     ]
     try:
         for i, (cars, options, words) in enumerate(cases):
-            m = ReverseMount(cars, tmp_path / f"mnt{i}", tmp_path / f"state{i}", options)
+            m = Mount(cars, tmp_path / f"mnt{i}", tmp_path / f"state{i}", ["--reverse", *options])
             try:
                 result = m.start(check=False)
                 message = result.stderr.decode().strip()

@@ -544,6 +544,19 @@ def _stanza_error(stanza: Stanza, what: str) -> FormatError:
     return FormatError(f"age header: {stanza.type} stanza {what}", offset=stanza.offset)
 
 
+def _ephemeral_share(stanza: Stanza, args: int) -> bytes:
+    """The 32-byte ephemeral share that is the last of a stanza's `args` arguments."""
+    if len(stanza.args) != args:
+        raise _stanza_error(stanza, "has the wrong number of arguments")
+    try:
+        share = _b64decode(stanza.args[-1])
+    except ValueError:
+        share = b""
+    if len(share) != 32:
+        raise _stanza_error(stanza, "has a malformed ephemeral share")
+    return share
+
+
 def _check_file_key(stanza: Stanza, key: bytes) -> bytes:
     if len(key) != FILE_KEY_SIZE:
         raise _stanza_error(stanza, "carries a file key of the wrong size")
@@ -575,14 +588,7 @@ class X25519Identity(Identity):
     def unwrap(self, stanza: Stanza) -> bytes | None:
         if stanza.type != "X25519":
             return None
-        if len(stanza.args) != 2:
-            raise _stanza_error(stanza, "has the wrong number of arguments")
-        try:
-            share = _b64decode(stanza.args[1])
-        except ValueError:
-            share = b""
-        if len(share) != 32:
-            raise _stanza_error(stanza, "has a malformed ephemeral share")
+        share = _ephemeral_share(stanza, 2)
         if len(stanza.body) != 32:
             raise _stanza_error(stanza, "has a body of the wrong size")
         try:
@@ -637,14 +643,7 @@ class SshEd25519Identity(Identity):
     def unwrap(self, stanza: Stanza) -> bytes | None:
         if stanza.type != "ssh-ed25519":
             return None
-        if len(stanza.args) != 3:
-            raise _stanza_error(stanza, "has the wrong number of arguments")
-        try:
-            share = _b64decode(stanza.args[2])
-        except ValueError:
-            share = b""
-        if len(share) != 32:
-            raise _stanza_error(stanza, "has a malformed ephemeral share")
+        share = _ephemeral_share(stanza, 3)
         if stanza.args[1] != self.tag:
             return None
         if len(stanza.body) != 32:
