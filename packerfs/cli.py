@@ -98,7 +98,7 @@ def open_engine(args: argparse.Namespace):
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from packerfs.errors import EXIT_INCOMPLETE
-    from packerfs.pack.writer import car_name
+    from packerfs.pack.writer import bin_status, car_name
 
     from packerfs.index.lock import lock_state
     from packerfs.pack import default_state_dir
@@ -109,11 +109,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     try:
         with progress("packing", None) as advance:
             # New bins are written while the source is read; write() below adds any sealed earlier.
-            report = engine.scan(skip_unreadable=args.skip_unreadable, advance=advance, car_dir=args.output)
+            report = engine.scan(
+                skip_unreadable=args.skip_unreadable, advance=advance, car_dir=args.output,
+                repack_below=args.repack_below,
+            )
         bins = engine.bins()
-        total = sum(b["car_size"] for b in bins)
+        total = sum(b["car_size"] for b in bins if bin_status(b) == "current")
         with progress("writing", total) as advance:
-            engine.write(args.output, advance)
+            written = engine.write(args.output, advance)
     finally:
         engine.close()
         os.close(lock)
@@ -131,22 +134,30 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 "piece_cid_v2": b["piece_cid_v2"],
                 "piece_size": b["piece_size"],
                 "payload_cid": b["root_cid"],
-                "stale": b["stale"],
+                "status": bin_status(b),
+                "written": b["bin"] not in written.retired and b["bin"] not in written.unavailable,
             }
             for b in bins
         ],
         "new_bins": report.bins_sealed,
+        "snapshot": report.snapshot,
         "files_packed": report.files_placed,
         "files_unchanged": report.skipped,
+        "files_changed": report.changed,
+        "files_deleted": report.deleted,
+        "files_repacked": report.repacked,
+        "changed_paths": [os.fsdecode(p) for p in report.changed_paths],
+        "deleted_paths": [os.fsdecode(p) for p in report.deleted_paths],
+        "retired_bins": report.retired_bins,
+        "unavailable_bins": written.unavailable,
         "bytes_read": report.bytes_read,
-        "stale_paths": [os.fsdecode(p) for p in report.stale_paths],
         "skipped": [{"path": os.fsdecode(p.path), "reason": p.reason} for p in report.problems],
     }
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         _print_pack_summary(result)
-    return EXIT_INCOMPLETE if skipped else 0
+    return EXIT_INCOMPLETE if skipped or written.unavailable else 0
 
 
 def _print_pack_summary(result: dict) -> None:
@@ -157,8 +168,10 @@ def _print_pack_summary(result: dict) -> None:
     for column in ("car file", "size", "fill", "piece CID", "piece size"):
         table.add_column(column, justify="right" if column in ("size", "fill", "piece size") else "left")
     for car in result["cars"]:
+        if car["status"] == "retired":
+            continue
         table.add_row(
-            car["car_file"] + (" (stale)" if car["stale"] else ""),
+            car["car_file"] + ("" if car["written"] else " (unavailable)"),
             f"{car['car_size']:,}",
             f"{100 * car['fill']:.2f}%",
             car["piece_cid"],
@@ -166,15 +179,45 @@ def _print_pack_summary(result: dict) -> None:
         )
     console = Console()
     console.print(table)
+    retired = sum(1 for car in result["cars"] if car["status"] == "retired")
     console.print(
         f"{result['files_packed']} files packed into {len(result['new_bins'])} new bins, "
         f"{result['files_unchanged']} unchanged; manifest.csv and manifest.json written; "
         f"state in {result['state_dir']}"
     )
-    for path in result["stale_paths"]:
-        console.print(f"[yellow]stale:[/] {path} changed or vanished; bins holding it are marked stale")
+    snap = result["snapshot"]
+    if snap:
+        console.print(
+            f"snapshot {snap['id']}: {snap['files']} files, {snap['bytes']:,} bytes "
+            f"(bin {', '.join(map(str, snap['bins']))})"
+        )
+    for key, how in (("changed", "changed"), ("deleted", "deleted from the source")):
+        names = result[f"{key}_paths"]
+        for path in names:
+            console.print(f"[yellow]{key}:[/] {_printable(path)} {how}")
+        if result[f"files_{key}"] > len(names):
+            console.print(f"[yellow]{key}:[/] … and {result[f'files_{key}'] - len(names)} more")
+    if result["files_repacked"]:
+        console.print(f"repacked {result['files_repacked']} live files out of mostly-dead bins")
+    if result["retired_bins"]:
+        console.print(
+            f"retired bins (nothing in them is needed any more): {', '.join(map(str, result['retired_bins']))}"
+        )
+    elif retired:
+        console.print(f"{retired} retired bins are listed in manifest.csv as retired and not written")
+    for number in result["unavailable_bins"]:
+        console.print(
+            f"[red]unavailable:[/] bin {number} is still needed but cannot be generated any more (it also held "
+            f"data that has since changed or been deleted) and is not in {result['output']}: keep the copy "
+            f"written earlier, or pack again with --repack-below 1 to move its live files into new bins"
+        )
     for skip in result["skipped"]:
-        console.print(f"[yellow]skipped:[/] {skip['path']}: {skip['reason']}")
+        console.print(f"[yellow]skipped:[/] {_printable(skip['path'])}: {skip['reason']}")
+
+
+def _printable(text: str) -> str:
+    """A path for the terminal: control characters and undecodable bytes escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _open_carset(args: argparse.Namespace):
@@ -300,7 +343,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         "state": scan.get("state", "empty"),
         "bins_sealed": len(bins),
         "bytes_total": scan.get("bytes_total", 0),
-        "stale_bins": [b["bin"] for b in bins if b.get("stale")],
+        "snapshots": scan.get("next_snapshot", 1) - 1,
+        "current_bins": [b["bin"] for b in bins if b.get("status", "current") == "current"],
+        "retired_bins": [b["bin"] for b in bins if b.get("status") == "retired"],
+        "unavailable_bins": [
+            b["bin"] for b in bins if b.get("status", "current") == "current" and not b.get("regenerable", True)
+        ],
     }
     if args.json:
         print(json.dumps(status, indent=1))
@@ -334,6 +382,22 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
         help="state directory (index and dataset key); default under ~/.cache/packerfs, keyed by SRC. "
         "Reusing it makes a later run resume or add only what changed.",
     )
+    p.add_argument(
+        "--repack-below", metavar="FRACTION", type=_fraction,
+        help="move the live files of current bins whose live share of their data is below FRACTION (0..1) "
+        "into new bins, so that those bins retire (compare restic prune); 1 also moves everything out of "
+        "bins that can no longer be generated. Default: never repack",
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -373,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         "in the same pass) and write OUT/bin-NNNNNN.car plus OUT/manifest.csv (car_file, piece_cid, "
         "piece_size, payload_cid, car_size, …: what `boost offline-deal` needs) and OUT/manifest.json. "
         "Rerunning with the same state resumes an interrupted scan; after changes it packs only new and "
-        "changed files into new bins and reports the bins they make stale.",
+        "changed files into new bins, seals a snapshot of the whole current tree and retires the bins "
+        "that no longer hold anything it needs.",
         epilog=EPILOG,
     )
     p.add_argument("source", metavar="SRC")

@@ -8,6 +8,8 @@ Top level (a DAG-CBOR map, keys in canonical order):
     cipher      "plain" | "age" | "openpgp"
     recipients  [fingerprint, …] of whoever can decrypt
     entries     [entry, …] in scan order
+    snapshot    only in a bin holding (a part of) a data-set snapshot: what
+                it is and where its bytes are (see packerfs/snapshot.py)
 
 An entry (a map) describes one directory, symlink or file part in this bin:
     path      source-relative path (bytes; b"" is the root)
@@ -49,8 +51,14 @@ def encode_entry(entry: dict) -> bytes:
     return cbor.encode(value)
 
 
-def encode_manifest(dataset: bytes, bin_number: int, cipher: str, recipients: list[str], entries: bytes, count: int) -> bytes:
-    """Splice pre-encoded entries (concatenated) under the top-level map."""
+def encode_manifest(
+    dataset: bytes, bin_number: int, cipher: str, recipients: list[str], entries: bytes, count: int,
+    snapshot: dict | None = None,
+) -> bytes:
+    """Splice pre-encoded entries (concatenated) under the top-level map.
+
+    `snapshot`, in a bin holding (a part of) a data-set snapshot, is its map (packerfs.snapshot.descriptor).
+    """
     fields = {
         "packerfs": cbor.encode(FORMAT),
         "dataset": cbor.encode(dataset),
@@ -59,6 +67,8 @@ def encode_manifest(dataset: bytes, bin_number: int, cipher: str, recipients: li
         "recipients": cbor.encode(list(recipients)),
         "entries": cbor.encode_head(4, count) + bytes(entries),
     }
+    if snapshot is not None:
+        fields["snapshot"] = cbor.encode(snapshot)
     # DAG-CBOR map keys: shorter first, then bytewise.
     order = sorted(fields, key=lambda k: (len(k.encode()), k.encode()))
     return cbor.encode_head(5, len(fields)) + b"".join(cbor.encode(k) + fields[k] for k in order)

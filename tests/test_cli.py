@@ -157,7 +157,7 @@ def test_packer_front_end_round_trip(tmp_path, age_pack):
 
 def test_status_json(tmp_path, age_pack):
     status = json.loads(packerfs("status", "-t", tmp_path / "state", "--json").stdout)
-    assert status["state"] == "ready" and status["bins_sealed"] >= 4 and status["stale_bins"] == []
+    assert status["state"] == "ready" and status["bins_sealed"] >= 4 and status["retired_bins"] == [] and status["snapshots"] == 1
     missing = packerfs("status", "-t", tmp_path / "nothing", check=False)
     assert missing.returncode == 1
     one_line_error(missing)

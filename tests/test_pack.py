@@ -160,7 +160,7 @@ def test_large_directory_is_hamt_sharded(tmp_path):
         (src / "big" / f"entry-with-a-longish-name-{i:05d}").write_bytes(b"%d" % i)
     engine = Engine.open(str(src), str(tmp_path / "state"), make_cipher(no_encryption=True), 64 * MiB)
     engine.scan()
-    paths = engine.write(str(tmp_path / "out"))
+    paths = engine.write(str(tmp_path / "out")).written
     engine.close()
     with car.CarReader(paths[0]) as reader:
         blocks = {s.cid: reader.read_block(s) for s in reader.sections()}
@@ -188,7 +188,7 @@ def test_packing_twice_with_one_state_gives_identical_cars(tmp_path, source):
     assert len(first) == len(engine.bins())
     report = engine.scan()
     assert report.bins_sealed == [] and report.files_placed == 0
-    second = [Path(p).read_bytes() for p in engine.write(str(tmp_path / "two"))]
+    second = [Path(p).read_bytes() for p in engine.write(str(tmp_path / "two")).written]
     engine.close()
     assert first == second
     assert all(len(data) <= BIN for data in first)
@@ -203,7 +203,7 @@ def test_bin_reader_ranges_equal_written_files(tmp_path_factory, data):
         src = make_small_tree(tmp_path / "src")
         engine = _age_engine(tmp_path, src)
         engine.scan()
-        written = [Path(p).read_bytes() for p in engine.write(str(tmp_path / "out"))]
+        written = [Path(p).read_bytes() for p in engine.write(str(tmp_path / "out")).written]
         _RANGES_CACHE = (engine, written)
     engine, written = _RANGES_CACHE
     number = data.draw(st.integers(1, len(written)))
@@ -241,7 +241,7 @@ def _bins_holding(engine: Engine, path: bytes) -> set[int]:
     return set(engine.index.file(version)["bins"])
 
 
-def test_rescan_keeps_sealed_bins_and_reports_stale(tmp_path, source):
+def test_rescan_keeps_sealed_bins_and_reports_changes(tmp_path, source):
     engine = _age_engine(tmp_path, source)
     engine.scan()
     before = {b["bin"]: (b["piece_cid"], b["car_size"]) for b in engine.bins()}
@@ -252,9 +252,12 @@ def test_rescan_keeps_sealed_bins_and_reports_stale(tmp_path, source):
     after = {b["bin"]: b for b in engine.bins()}
     for number, (piece, size) in before.items():
         assert (after[number]["piece_cid"], after[number]["car_size"]) == (piece, size)
-        assert after[number]["stale"] == (number in changed_bins)
+        # the bin that held the old version still holds other live files: current, but not regenerable
+        assert after[number]["status"] == "current"
+        assert after[number]["regenerable"] == (number not in changed_bins)
     assert report.bins_sealed and min(report.bins_sealed) > max(before)
-    assert b"sub/mib-minus" in report.stale_paths
+    assert b"sub/mib-minus" in report.changed_paths and report.changed == 1
+    assert report.snapshot["id"] == 2 and report.snapshot["bins"] == [max(report.bins_sealed)]
     assert report.files_placed == 2
     engine.close()
 
@@ -340,11 +343,11 @@ def test_interrupted_pack_resumes_to_identical_output(tmp_path):
     assert len(resumed.bins()) == 2
     report = resumed.scan()
     assert report.bins_sealed[0] == 3 and report.skipped > 0
-    resumed_cars = [Path(p).read_bytes() for p in resumed.write(str(tmp_path / "resumed"))]
+    resumed_cars = [Path(p).read_bytes() for p in resumed.write(str(tmp_path / "resumed")).written]
     resumed.close()
     straight = Engine.open(str(src), str(tmp_path / "state-copy"), make_cipher(no_encryption=True), BIN)
     straight.scan()
-    straight_cars = [Path(p).read_bytes() for p in straight.write(str(tmp_path / "straight"))]
+    straight_cars = [Path(p).read_bytes() for p in straight.write(str(tmp_path / "straight")).written]
     straight.close()
     assert resumed_cars == straight_cars
 
@@ -446,7 +449,7 @@ def test_interrupted_inside_a_split_file_continues_it(tmp_path, encrypted):
     assert not record["complete"] and record["leaves_sealed"] == 3
     report = engine.scan()
     assert report.bins_sealed[0] == 2
-    cars = [Path(p) for p in engine.write(str(tmp_path / "out"))]
+    cars = [Path(p) for p in engine.write(str(tmp_path / "out")).written]
     engine.close()
     assert cars[0].read_bytes() == sealed_before
     if encrypted:
@@ -464,13 +467,13 @@ def test_interrupted_inside_a_split_file_continues_it(tmp_path, encrypted):
     else:
         straight = Engine.open(str(src), str(tmp_path / "state-copy"), cipher, BIN)
         straight.scan()
-        expected = [Path(p).read_bytes() for p in straight.write(str(tmp_path / "straight"))]
+        expected = [Path(p).read_bytes() for p in straight.write(str(tmp_path / "straight")).written]
         straight.close()
         assert [c.read_bytes() for c in cars] == expected
 
 
 def test_source_changed_between_interruption_and_resume(tmp_path):
-    """A split file edited after its first part was sealed: that bin turns stale and the file starts over."""
+    """A split file edited after its first part was sealed: the file starts over and that bin retires."""
     src = tmp_path / "src"
     write_random(src / "huge.bin", 10 * MiB, 1)
     state = tmp_path / "state"
@@ -481,13 +484,14 @@ def test_source_changed_between_interruption_and_resume(tmp_path):
     os.utime(src / "huge.bin", ns=(1, 1))
     engine = Engine.open(str(src), str(state), cipher, BIN)
     report = engine.scan()
-    assert report.stale_bins == [1] and b"huge.bin" in report.stale_paths
+    assert report.retired_bins == [1] and b"huge.bin" in report.changed_paths
+    assert engine.index.bin(1)["status"] == "retired"  # it held nothing but the abandoned version
     record = engine.index.file(engine.index.latest_version(b"huge.bin"))
     assert record["complete"] and 1 not in record["bins"]
-    out = [Path(p) for p in engine.write(str(tmp_path / "out"))]
+    out = [Path(p) for p in engine.write(str(tmp_path / "out")).written]
     engine.close()
     rows = read_csv(tmp_path / "out" / "manifest.csv")
-    # the stale bin cannot be generated any more, so it is neither written nor listed
+    # the retired bin is not needed (and cannot be generated any more), so it is neither written nor listed
     assert [r["car_file"] for r in rows] == [p.name for p in out] and "bin-000001.car" not in rows[0]["car_file"]
     cids = set()
     for car_path in out:
@@ -521,7 +525,7 @@ def test_concurrent_reads_survive_file_cache_eviction(tmp_path, source):
 
     engine = _age_engine(tmp_path, source)
     engine.scan()
-    written = {b["bin"]: Path(p).read_bytes() for b, p in zip(engine.bins(), engine.write(str(tmp_path / "out")))}
+    written = {b["bin"]: Path(p).read_bytes() for b, p in zip(engine.bins(), engine.write(str(tmp_path / "out")).written)}
     reader = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=1, open_files=1)
     rng = random.Random(3)
     jobs = []

@@ -82,7 +82,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     def job(ready) -> int:
         return serve(
             lambda: open_engine(args), mountpoint, state_dir,
-            allow_other=args.allow_other, skip_unreadable=args.skip_unreadable, ready=ready,
+            allow_other=args.allow_other, skip_unreadable=args.skip_unreadable,
+            repack_below=args.repack_below, ready=ready,
             log_path=None if args.foreground else log_path,
         )
 
@@ -103,7 +104,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
         flag for flag, given in (
             ("--bin-size", args.bin_size), ("--recipient", args.recipient), ("--recipients-file", args.recipients_file),
             ("--gpg-recipient", args.gpg_recipient), ("--no-encryption", args.no_encryption),
-            ("--skip-unreadable", args.skip_unreadable),
+            ("--skip-unreadable", args.skip_unreadable), ("--repack-below", args.repack_below is not None),
         ) if given
     ]
     if pack_only:

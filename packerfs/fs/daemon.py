@@ -166,6 +166,7 @@ def serve(
     *,
     allow_other: bool = False,
     skip_unreadable: bool = False,
+    repack_below: float | None = None,
     ready: Callable[[], None] = lambda: None,
     log_path: str | None = None,
 ) -> int:
@@ -212,7 +213,7 @@ def serve(
             """The scan starts once the session exists (its end may invalidate names in the kernel)."""
             nonlocal scan
             scan = threading.Thread(
-                target=_scan, args=(engine, state, stop, skip_unreadable), name="packerfs-scan", daemon=True
+                target=_scan, args=(engine, state, stop, skip_unreadable, repack_below), name="packerfs-scan", daemon=True
             )
             scan.start()
             task_status.started()
@@ -287,14 +288,17 @@ async def _watch_signals(nursery, on_hangup) -> None:
             return
 
 
-def _scan(engine, state, stop: threading.Event, skip_unreadable: bool) -> None:
+def _scan(engine, state, stop: threading.Event, skip_unreadable: bool, repack_below: float | None = None) -> None:
     import pyfuse3
 
     from packerfs.fs.packview import ROOT
     from packerfs.pack.writer import car_name
 
     try:
-        report = engine.scan(skip_unreadable=skip_unreadable, advance=_Progress(state, stop), on_seal=state.sealed)
+        report = engine.scan(
+            skip_unreadable=skip_unreadable, advance=_Progress(state, stop), on_seal=state.sealed,
+            repack_below=repack_below,
+        )
     except ScanStopped:
         log.info("scan stopped at unmount; the next mount or pack resumes it")
         return
@@ -307,12 +311,23 @@ def _scan(engine, state, stop: threading.Event, skip_unreadable: bool) -> None:
         state.failed(f"scan failed: {type(exc).__name__}: {exc}")
         return
     problems = [f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in report.problems]
-    stale = [os.fsdecode(p) for p in report.stale_paths]
-    gone = state.finished(engine.bins(), stale, problems)
+    gone = state.finished(engine.bins(), problems)
     for number in gone:
         pyfuse3.invalidate_entry_async(ROOT, car_name(number).encode(), ignore_enoent=True)
-    for path in stale:
-        log.warning("%s changed or vanished since an earlier scan; the bins holding it are stale", path)
+    for path in report.changed_paths:
+        log.info("%s changed since an earlier scan: its new version is in new bins", os.fsdecode(path))
+    for path in report.deleted_paths:
+        log.info("%s was deleted from the source: the new snapshot no longer lists it", os.fsdecode(path))
+    if report.snapshot:
+        log.info("sealed snapshot %d in bins %s", report.snapshot["id"], report.snapshot["bins"])
+    if report.retired_bins:
+        log.info("retired bins (nothing in them is needed any more, now hidden): %s", report.retired_bins)
+    if state.unavailable_bins:
+        log.warning(
+            "bins %s are still needed but also hold data that has since changed or been deleted: reads of "
+            "those ranges fail; keep the copies made earlier, or mount with --repack-below 1",
+            sorted(state.unavailable_bins),
+        )
     log.info(
         "scan finished: %d new bins, %d files packed, %d unchanged, %d bytes read; %d bins visible",
         len(report.bins_sealed), report.files_placed, report.skipped, report.bytes_read, len(state.bins),

@@ -3,7 +3,7 @@
     MNT/bin-000001.car …   one per sealed bin, its bytes regenerated on read by BinReader
     MNT/manifest.csv       the rows of the bins listed here, as `pack` writes them
     MNT/manifest.json
-    MNT/.packerfs-status   JSON: scan state and progress, stale files, errors
+    MNT/.packerfs-status   JSON: scan state and progress, retired and unavailable bins, errors
 
 This module holds no format logic: it maps inodes to a read function (BinReader
 behind a WindowCache) and to the manifest writer functions. The scan runs in
@@ -58,16 +58,15 @@ class ViewState:
         self.mtime_ns = mtime_ns  # every bin's mtime: stable across mounts of this state
         self.bins: dict[int, dict] = {}
         self.names: dict[bytes, int] = {}
-        self.stale_bins: set[int] = set()
+        self.retired_bins: set[int] = set()  # the newest snapshot needs nothing in them: not shown
+        self.unavailable_bins: set[int] = set()  # needed, but they also hold data that has since changed
+        self.failing_bins: set[int] = set()  # reads failed: a source file changed since the scan
         for result in bins:
-            if result.get("stale"):
-                self.stale_bins.add(result["bin"])  # flagged by an earlier scan: cannot be regenerated
-            else:
-                self._show(result)
+            self._settle(result)
         self.state = "scanning"
         self.bytes_scanned = 0
         self.bytes_total = 0
-        self.stale: list[str] = []
+        self.stale: list[str] = []  # source files whose reads failed
         self.errors: list[str] = []
         self._reported: set[tuple] = set()
         self.changed_ns = time.time_ns()  # the root directory's mtime: moves when bins appear
@@ -84,27 +83,34 @@ class ViewState:
         del self.bins[number]
         del self.names[car_name(number).encode()]
 
+    def _settle(self, result: dict) -> bool:
+        """Show or hide a sealed bin by its status; True if it was shown and is now hidden."""
+        number = result["bin"]
+        if result.get("status") == "retired":
+            self.retired_bins.add(number)
+            if number in self.bins:
+                self._hide(number)
+                return True
+            return False
+        if not result.get("regenerable", True):
+            self.unavailable_bins.add(number)
+        if number not in self.bins:
+            self._show(result)
+        return False
+
     def sealed(self, result: dict) -> None:
         """Scan thread: a bin was sealed and committed to the index; it appears now."""
         with self.lock:
             self._show(result)
             self.changed_ns = time.time_ns()
 
-    def finished(self, bins: list[dict], stale_paths: list[str], problems: list[str]) -> list[int]:
-        """Scan thread: the scan is done. Returns the shown bins it flagged stale, now hidden."""
+    def finished(self, bins: list[dict], problems: list[str]) -> list[int]:
+        """Scan thread: the scan is done. Returns the shown bins it retired, now hidden."""
         gone = []
         with self.lock:
             for result in bins:
-                number = result["bin"]
-                if result.get("stale"):
-                    self.stale_bins.add(number)
-                    if number in self.bins:
-                        self._hide(number)
-                        gone.append(number)
-                elif number not in self.bins:
-                    self._show(result)
-            for path in stale_paths:
-                self._add_stale(path)
+                if self._settle(result):
+                    gone.append(result["bin"])
             for problem in problems:
                 self._add_error(problem)
             self.state = "ready"
@@ -129,7 +135,7 @@ class ViewState:
                 path = match.group(1)
                 root = self.info.get("source", "") + "/"
                 self._add_stale(path[len(root) :] if path.startswith(root) else path)
-                self.stale_bins.add(number)
+                self.failing_bins.add(number)
             return True
 
     def _add_stale(self, path: str) -> None:
@@ -162,7 +168,9 @@ class ViewState:
                 "bytes_scanned": self.bytes_scanned,
                 "bytes_total": self.bytes_total,
                 "stale": list(self.stale),
-                "stale_bins": sorted(self.stale_bins),
+                "failing_bins": sorted(self.failing_bins),
+                "retired_bins": sorted(self.retired_bins),
+                "unavailable_bins": sorted(self.unavailable_bins),
                 "errors": list(self.errors),
                 "cars": [car_name(n) for n in sorted(self.bins)],
                 **self.info,

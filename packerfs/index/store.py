@@ -9,10 +9,15 @@ big-endian so LMDB's byte order is numeric order):
             b"dataset"  -> the data set's 16-byte id
   files     u64 version -> file record (path, kind, fingerprint, sizes,
                             stream params; RECORD_FIELDS order); versions only grow
-  paths     path_key(path) -> u64 version of the newest record for that path
+  paths     path_key(path) -> u64 version of the newest record for that path ‖
+                            u32 generation of the last scan that saw it (a path
+                            the newest scan did not see is gone from the source)
   digests   u64 version ‖ u32 chunk -> concatenated sha2-256 digests of the
                             stream's leaves [chunk*1024, chunk*1024+1024)
-  bins      u32 bin     -> bin result (CAR size, root, piece CIDs, stale flag)
+  bins      u32 bin     -> bin result (CAR size, root, piece CIDs) and, once a
+                            snapshot has been sealed, its status: current or
+                            retired, whether it can still be generated, its
+                            live bytes
   segments  u32 bin ‖ u64 end offset -> what produces that byte range of the
                             CAR; set_range(bin ‖ offset+1) finds the segment
                             holding `offset`
@@ -36,7 +41,7 @@ from packerfs.ipld import cbor
 
 DIGESTS_PER_CHUNK = 1024
 DIGEST = 32
-FORMAT = 2  # 2: file records as arrays, compact stream params
+FORMAT = 3  # 2: file records as arrays, compact stream params; 3: paths carry generations, snapshots
 # LMDB reserves address space, not disk: the map can be far larger than the data.
 MAP_SIZE = 1 << 40
 
@@ -106,6 +111,8 @@ class Index:
         self.digests = self.env.open_db(b"digests")
         self.bins = self.env.open_db(b"bins")
         self.segments = self.env.open_db(b"segments")
+        # The scan that is writing: paths it commits or touches are marked with it.
+        self.generation = 0
         stored = self.get_meta(b"format")
         if stored is not None and stored != FORMAT:
             self.env.close()
@@ -157,7 +164,27 @@ class Index:
     def latest_version(self, path: bytes) -> int | None:
         with self.env.begin() as txn:
             raw = txn.get(path_key(path), db=self.paths)
-        return None if raw is None else struct.unpack(">Q", raw)[0]
+        return None if raw is None else struct.unpack(">Q", raw[:8])[0]
+
+    def iter_paths(self, batch: int = 1024) -> Iterator[tuple[bytes, int, int]]:
+        """(path key, version, generation) of every path, in key order, a batch per transaction."""
+        after = b""
+        while True:
+            rows = []
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self.paths)
+                found = cursor.set_range(after) if after else cursor.first()
+                while found and len(rows) < batch:
+                    key, value = bytes(cursor.key()), bytes(cursor.value())
+                    if key != after:
+                        rows.append((key, value))
+                    found = cursor.next()
+            if not rows:
+                return
+            for key, value in rows:
+                version, generation = struct.unpack(">QI", value)
+                yield key, version, generation
+            after = rows[-1][0]
 
     def digests_of(self, version: int, first: int, count: int) -> bytes:
         """Digests of leaves [first, first+count) of a file version's stream."""
@@ -222,10 +249,6 @@ class Index:
         with self.env.begin() as txn:
             return txn.stat(self.paths)["entries"] > 0
 
-    def latest_versions(self) -> list[int]:
-        """The newest version of every path ever scanned."""
-        with self.env.begin() as txn:
-            return [struct.unpack(">Q", v)[0] for _, v in txn.cursor(db=self.paths)]
 
     # ------------------------------------------------------------------ writes
 
@@ -239,26 +262,38 @@ class Index:
                     if not cursor.delete():
                         break
 
-    def mark_stale(self, numbers: list[int]) -> None:
-        with self.env.begin(write=True) as txn:
-            for number in numbers:
-                raw = txn.get(u32(number), db=self.bins)
-                if raw is not None:
-                    record = unpack(raw)
-                    record["stale"] = True
-                    txn.put(u32(number), pack(record), db=self.bins)
+    def commit(
+        self, *, files=(), paths=(), touched=(), dropped=(), digests=(), bins=(), bin_updates=(), segments=(), meta=()
+    ) -> None:
+        """Write one consistent step (a sealed bin and everything it needs) atomically.
 
-    def commit(self, *, files=(), paths=(), digests=(), bins=(), segments=(), meta=()) -> None:
-        """Write one consistent step (a sealed bin and everything it needs) atomically."""
+        paths: (path, version) now the path's newest record, seen by this generation;
+        touched: paths seen unchanged by this generation; dropped: path keys gone from the source;
+        bin_updates: (bin, fields) merged into sealed bins' results.
+        """
+        generation = u32(self.generation)
         with self.env.begin(write=True) as txn:
             for version, record in files:
                 txn.put(u64(version), pack_record(record), db=self.files)
             for path, version in paths:
-                txn.put(path_key(path), u64(version), db=self.paths)
+                txn.put(path_key(path), u64(version) + generation, db=self.paths)
+            for path in touched:
+                key = path_key(path)
+                raw = txn.get(key, db=self.paths)
+                if raw is not None:
+                    txn.put(key, bytes(raw[:8]) + generation, db=self.paths)
+            for key in dropped:
+                txn.delete(key, db=self.paths)
             for (version, chunk), data in digests:
                 txn.put(u64(version) + u32(chunk), data, db=self.digests)
             for number, record in bins:
                 txn.put(u32(number), pack(record), db=self.bins)
+            for number, fields in bin_updates:
+                raw = txn.get(u32(number), db=self.bins)
+                if raw is not None:
+                    record = unpack(raw)
+                    record.update(fields)
+                    txn.put(u32(number), pack(record), db=self.bins)
             for number, end, record in segments:
                 txn.put(u32(number) + u64(end), pack(record), db=self.segments)
             for key, value in meta:

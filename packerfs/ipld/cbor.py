@@ -27,6 +27,10 @@ class CBORError(ValueError):
     pass
 
 
+class CBORTruncated(CBORError):
+    """The data ends inside a value: a streaming reader should feed more and retry."""
+
+
 def _head(major: int, n: int) -> bytes:
     if n < 24:
         return bytes([(major << 5) | n])
@@ -111,12 +115,17 @@ def decode(data: bytes) -> Any:
     return value
 
 
+def decode_prefix(data, pos: int = 0) -> tuple[Any, int]:
+    """The value starting at `pos` and where it ends: for CBOR sequences (RFC 8742)."""
+    return _decode(memoryview(data), pos, 0)
+
+
 _MAX_DEPTH = 64
 
 
 def _read_head(buf: memoryview, pos: int) -> tuple[int, int, int, int]:
     if pos >= len(buf):
-        raise CBORError("truncated CBOR")
+        raise CBORTruncated("truncated CBOR")
     initial = buf[pos]
     major, info = initial >> 5, initial & 31
     pos += 1
@@ -127,7 +136,7 @@ def _read_head(buf: memoryview, pos: int) -> tuple[int, int, int, int]:
         raise CBORError("indefinite lengths and reserved values are not DAG-CBOR")
     size = sizes[info]
     if pos + size > len(buf):
-        raise CBORError("truncated CBOR")
+        raise CBORTruncated("truncated CBOR")
     n = int.from_bytes(buf[pos : pos + size], "big")
     minimal = {1: 24, 2: 0x100, 4: 0x10000, 8: 0x100000000}[size]
     if n < minimal:
@@ -146,7 +155,7 @@ def _decode(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     if major in (2, 3):
         end = pos + n
         if end > len(buf):
-            raise CBORError("truncated CBOR string")
+            raise CBORTruncated("truncated CBOR string")
         raw = bytes(buf[pos:end])
         if major == 2:
             return raw, end

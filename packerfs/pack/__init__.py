@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from packerfs.crypt import load_or_create_dataset_secret
@@ -14,9 +14,16 @@ from packerfs.index import Index
 from packerfs.pack.reader import BinReader
 from packerfs.pack.scan import Scan, ScanReport
 from packerfs.ipld import car
-from packerfs.pack.writer import already_written, car_name, write_car, write_manifests
+from packerfs.pack.writer import already_written, bin_status, car_name, write_car, write_manifests
 
-__all__ = ["Engine", "default_state_dir", "car_name"]
+__all__ = ["Engine", "WriteReport", "default_state_dir", "car_name"]
+
+
+@dataclass
+class WriteReport:
+    written: list[str] = field(default_factory=list)  # CAR paths, current bins
+    retired: list[int] = field(default_factory=list)  # not written: the newest snapshot needs nothing in them
+    unavailable: list[int] = field(default_factory=list)  # needed, not in OUT, and no longer generable
 
 
 def default_state_dir(source: str) -> str:
@@ -63,6 +70,7 @@ class Engine:
         advance: Callable[[int], None] | None = None,
         on_seal: Callable[[dict], None] | None = None,
         car_dir: str | None = None,
+        repack_below: float | None = None,
     ) -> ScanReport:
         """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out."""
         if car_dir is not None:
@@ -70,6 +78,7 @@ class Engine:
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
+            repack_below=repack_below,
         ).run()
 
     def reader(self) -> BinReader:
@@ -78,27 +87,34 @@ class Engine:
     def bins(self) -> list[dict]:
         return sorted(self.index.all_bins(), key=lambda b: b["bin"])
 
-    def write(self, out_dir: str, advance: Callable[[int], None] = lambda n: None) -> list[str]:
-        """Write every bin's CAR and the manifests; returns the CAR paths.
+    def write(self, out_dir: str, advance: Callable[[int], None] = lambda n: None) -> WriteReport:
+        """Write every current bin's CAR and the manifests.
 
-        A stale bin (its source changed after it was sealed) can no longer be
-        generated; it is kept if an earlier run wrote it, and otherwise left out
-        of OUT and of manifest.csv — the data it held is in newer bins.
+        Retired bins (nothing in them is used by the newest snapshot) are not written; a copy
+        an earlier run left in OUT stays. A current bin that can no longer be generated (it also
+        holds data that has since changed or been deleted) is kept if an earlier run wrote it,
+        and otherwise reported as unavailable: its live files are only in that earlier copy
+        until a pack with --repack-below moves them.
         """
         os.makedirs(out_dir, exist_ok=True)
         reader = self.reader()
-        written, listed = [], []
+        report = WriteReport()
+        listed = []  # manifest.csv lists the CARs in OUT, each with its status
         for result in self.bins():
             path = os.path.join(out_dir, car_name(result["bin"]))
-            if result["stale"]:
-                if already_written(path, result["car_size"], car.header(result["root"])):
-                    written.append(path)
+            present = already_written(path, result["car_size"], car.header(result["root"]))
+            if bin_status(result) == "retired":
+                report.retired.append(result["bin"])
+                if present:
                     listed.append(result)
                 continue
-            written.append(write_car(reader, result["bin"], out_dir, advance))
-            listed.append(result)
+            if present or result.get("regenerable", True):
+                report.written.append(write_car(reader, result["bin"], out_dir, advance))
+                listed.append(result)
+            else:
+                report.unavailable.append(result["bin"])
         write_manifests(listed, out_dir)
-        return written
+        return report
 
     def close(self) -> None:
         self.index.close()

@@ -17,7 +17,12 @@ from packerfs.errors import PackerfsError
 from packerfs.pack.reader import BinReader
 from packerfs.ipld import car
 
-CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "stale"]
+CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "status"]
+
+
+def bin_status(result: dict) -> str:
+    """"current" while the newest snapshot uses anything in the bin, then "retired"."""
+    return result.get("status", "current")
 
 
 def car_name(number: int) -> str:
@@ -54,6 +59,7 @@ def already_written(path: str, size: int, header: bytes) -> bool:
 
 
 def manifest_rows(bins: list[dict]) -> list[dict]:
+    """One row per sealed bin; deal tools should take the `current` ones (retired bins are not needed)."""
     return [
         {
             "car_file": car_name(b["bin"]),
@@ -62,7 +68,7 @@ def manifest_rows(bins: list[dict]) -> list[dict]:
             "payload_cid": b["root_cid"],
             "car_size": b["car_size"],
             "piece_cid_v2": b["piece_cid_v2"],
-            "stale": "true" if b.get("stale") else "false",
+            "status": bin_status(b),
         }
         for b in sorted(bins, key=lambda b: b["bin"])
     ]

@@ -61,6 +61,7 @@ class Budget:
         self.capacity = capacity
         self.emitted = HEADER_LEN  # exact bytes already laid out
         self.manifest_bytes = manifest_fixed  # bound on the manifest's encoding
+        self.reserved = 0  # links in the .packerfs node besides the manifest's
         self.frames: list[Frame] = []
 
     def manifest_overhead(self, manifest_bytes: int | None = None) -> int:
@@ -68,7 +69,7 @@ class Budget:
         return costs.file_bound(m) + costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest.NAME)
 
     def total(self) -> int:
-        return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead()
+        return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead() + self.reserved
 
     def available(self) -> int:
         return self.capacity - self.total()
@@ -84,6 +85,26 @@ class Budget:
     def add_link(self, frame: Frame, link_name_bound: int) -> None:
         frame.links_bytes += costs.LINK_FIXED + link_name_bound
         frame.count += 1
+
+    def meta_file_cost(self, name: bytes, length: int, manifest_extra: int) -> int:
+        """Bytes a file of `length` bytes under `.packerfs/` adds, with `manifest_extra` bytes of manifest."""
+        manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_extra) - self.manifest_overhead()
+        return manifest_delta + costs.dir_link_bound(name) + costs.file_bound(length)
+
+    def max_meta_bytes(self, name: bytes, length: int, manifest_extra: int) -> int:
+        """Most bytes (whole leaves, or all `length`) of a `.packerfs/` file that still fit; 0 if none."""
+        lo, hi = 0, costs.leaf_count(length)
+
+        def fits(leaves: int) -> bool:
+            return self.meta_file_cost(name, min(leaves * CHUNK_SIZE, length), manifest_extra) <= self.available()
+
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return min(lo * CHUNK_SIZE, length)
 
     def max_leaves(self, link_name_bound: int, manifest_entry: int, stream_left: int) -> int:
         """Most leaves of a part (of at most `stream_left` stream bytes) that still fit."""
@@ -146,6 +167,10 @@ class BinLayout:
         self.versions: set[int] = set()
         self.opened_dirs: set[bytes] = set()  # directories with a manifest entry in this bin
         self.is_empty = True
+        self.meta_entries: list[Entry] = []  # files under .packerfs/ besides the manifest (snapshot parts)
+        self.snapshot: dict | None = None  # the manifest's `snapshot` map, when this bin holds a part
+        self.file_records = 0  # file versions with a part here
+        self.payload_bytes = 0  # stream bytes of those parts
 
     @property
     def frames(self) -> list[Frame]:
@@ -181,6 +206,7 @@ class BinLayout:
         self._write(car.section_prefix(cid, len(data)))
         self._write(data)
         run[4] += 1
+        self.payload_bytes += len(data)
         self.versions.add(version)
         self.is_empty = False
 
@@ -194,6 +220,43 @@ class BinLayout:
         self._write(car.section_prefix(block.cid, len(block.data)))
         self._write(block.data)
         self.segments.append((self.offset, [start, "N", version, next_leaf - block.children, block.children, block.cid]))
+
+    def emit_meta_file(self, name: bytes, pieces, length: int, manifest_extra: int) -> Entry:
+        """A file of `length` bytes (given as `pieces`) under `.packerfs/`, its blocks stored in the index.
+
+        The caller has checked it fits (Budget.max_meta_bytes); `manifest_extra` is what it adds to
+        the manifest's bound.
+        """
+        self.budget.manifest_bytes += manifest_extra
+        self.budget.reserved += costs.dir_link_bound(name)
+        builder = FileBuilder()
+        leaf = bytearray()
+        written = 0
+
+        def emit(data: bytes) -> None:
+            node = raw_leaf(data)
+            self.emit_stored(node.cid, data)
+            for block in builder.add_leaf(node):
+                self.emit_stored(block.cid, block.data)
+
+        for piece in pieces:
+            leaf += piece
+            while len(leaf) >= CHUNK_SIZE:
+                emit(bytes(leaf[:CHUNK_SIZE]))
+                written += CHUNK_SIZE
+                del leaf[:CHUNK_SIZE]
+        if leaf or written == 0:
+            emit(bytes(leaf))
+            written += len(leaf)
+        if written != length:
+            raise AssertionError(f"bin {self.number}: {name!r} has {written} bytes, planned {length}")
+        tail, root = builder.finish()
+        for block in tail:
+            self.emit_stored(block.cid, block.data)
+        entry = Entry(name, root.cid, root.tsize)
+        self.meta_entries.append(entry)
+        self.is_empty = False
+        return entry
 
     def take_segments(self) -> list[tuple[int, list]]:
         """Segments complete so far (the open leaf run stays until it closes)."""
@@ -258,7 +321,8 @@ class BinLayout:
         while len(self.frames) > 1:
             self.close_frame()
         data = manifest.encode_manifest(
-            self.dataset, self.number, self.cipher_name, self.recipients, self.manifest_entries, self.manifest_count
+            self.dataset, self.number, self.cipher_name, self.recipients, self.manifest_entries, self.manifest_count,
+            snapshot=self.snapshot,
         )
         builder = FileBuilder()
         for offset in range(0, max(len(data), 1), CHUNK_SIZE):
@@ -270,7 +334,9 @@ class BinLayout:
         tail, manifest_root = builder.finish()
         for block in tail:
             self.emit_stored(block.cid, block.data)
-        blocks, meta_dir = directory_blocks([Entry(manifest.NAME, manifest_root.cid, manifest_root.tsize)])
+        blocks, meta_dir = directory_blocks(
+            [Entry(manifest.NAME, manifest_root.cid, manifest_root.tsize), *self.meta_entries]
+        )
         for block in blocks:
             self.emit_stored(block.cid, block.data)
         root_frame = self.frames.pop()
@@ -300,5 +366,7 @@ class BinLayout:
             "piece_size": piece.piece_size,
             "bin_size": self.budget.capacity,
             "entries": self.manifest_count,
-            "stale": False,
+            "files": self.file_records,
+            "payload_bytes": self.payload_bytes,
+            "snapshot": self.snapshot["id"] if self.snapshot else None,
         }
