@@ -193,6 +193,7 @@ def test_full_disk_while_packing_is_one_line_and_resumable(tmp_path, small_disk)
     assert full.returncode == 1
     message = one_line_error(full)
     assert "disk full" in message or "No space" in message
+    assert "bin-" in message and "b'" not in message, "the message names the CAR being written"
     assert not list(out.glob("*.partial")), "the unfinished CAR is removed, never left looking like one"
     # whatever is there under a final name is a complete, sealed CAR: every block reads and checks out
     from packerfs.ipld.car import CarReader

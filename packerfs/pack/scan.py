@@ -52,6 +52,28 @@ SEGMENT_FLUSH = 4096
 PENDING_FLUSH = 2048
 
 
+NAME_MAX = 255  # bytes in one name: what stock tools (ipfs-car unpack) can write on POSIX systems
+# "~" and 16 hex digits of the full name's SHA-256: what stands for the cut-off end of a long name.
+SHORTENED_TAIL = 17
+
+
+def name_in_car(name: bytes, suffix: bytes) -> bytes:
+    """A file part's name inside a CAR: NAME + suffix, or, when that would exceed 255 bytes, a shortened
+    NAME~HASH16 + suffix (the start of NAME, cut on a UTF-8 character boundary, then "~" and the first 16
+    hex digits of SHA-256 of the whole NAME). The real name is in the manifest, so the scheme is
+    reversible; the hash keeps names that share a long prefix apart."""
+    if len(name) + len(suffix) <= NAME_MAX:
+        return name + suffix
+    keep = NAME_MAX - len(suffix) - SHORTENED_TAIL
+    head = name[:keep]
+    # don't cut a UTF-8 sequence in half: drop continuation bytes and the lead byte they belong to
+    while head and 0x80 <= head[-1] < 0xC0:
+        head = head[:-1]
+    if head and head[-1] >= 0xC0:
+        head = head[:-1]
+    return head + b"~" + hashlib.sha256(name).hexdigest()[:16].encode() + suffix
+
+
 def part_suffix(part: int, parts: int) -> bytes:
     """`.part0002of0013`: sortable, zero-padded to at least four digits."""
     if parts == 1:
@@ -384,7 +406,7 @@ class Scan:
     # ---------------------------------------------------------------- files
 
     def _name_bounds(self, entry: Entry) -> tuple[int, int]:
-        name_bound = len(entry.name) + len(self.cipher.suffix) + PART_SUFFIX_MAX
+        name_bound = min(NAME_MAX, len(entry.name) + len(self.cipher.suffix) + PART_SUFFIX_MAX)
         parent = entry.path[: -len(entry.name)]
         bound = manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound))
         return name_bound, bound
@@ -556,7 +578,7 @@ class Scan:
             tail, root = builder.finish()
             for block in tail:
                 layout.emit_file_node(block, version, leaf_index)
-            name = entry.name + self.cipher.suffix.encode() + part_suffix(part + 1, len(parts))
+            name = name_in_car(entry.name, self.cipher.suffix.encode() + part_suffix(part + 1, len(parts)))
             layout.add_entry(name, root.cid, root.tsize)
             meta = _manifest_base(entry)
             offset = part_start * CHUNK_SIZE
@@ -835,20 +857,28 @@ class SyncingFile:
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        self.unsynced += len(data)
-        if self.unsynced >= self.SYNC_EVERY:
-            os.fdatasync(self.fd)
-            self.unsynced = 0
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+            self.unsynced += len(data)
+            if self.unsynced >= self.SYNC_EVERY:
+                os.fdatasync(self.fd)
+                self.unsynced = 0
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.name) from None
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        os.pwrite(self.fd, data, offset)
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.name) from None
 
     def close(self) -> None:
         if self.fd >= 0:
             try:
                 os.fsync(self.fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, self.name) from None
             finally:
                 os.close(self.fd)
                 self.fd = -1

@@ -35,13 +35,21 @@ def write_car(reader: BinReader, number: int, out_dir: str, advance: Callable[[i
     if already_written(final, expected, car.header(reader.index.bin(number)["root"])):
         return final  # written by an earlier run (same size and root); `verify` re-checks content
     temp = final + ".partial"
-    with open(temp, "wb") as out:
-        for piece in reader.iter_bin(number):
-            out.write(piece)
-            advance(len(piece))
-        out.flush()
-        os.fsync(out.fileno())
-        written = out.tell()
+    try:
+        with open(temp, "wb") as out:
+            for piece in reader.iter_bin(number):
+                out.write(piece)
+                advance(len(piece))
+            out.flush()
+            os.fsync(out.fileno())
+            written = out.tell()
+    except OSError as exc:
+        # a full disk: the partial file goes, so nothing half-written remains under any name
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise OSError(exc.errno, exc.strerror, temp) from None
     if written != expected:
         os.unlink(temp)
         raise PackerfsError(f"{temp}: wrote {written} bytes, expected {expected}; nothing was renamed")

@@ -1,0 +1,267 @@
+"""Issue 9 §1: after a change, the current bins restore the current source exactly.
+
+Every scenario changes the source between runs (delete, change, add, append
+while packing, repack), runs packerfs as a user would (the CLI in a
+subprocess, or a real mount copied out with rsync), then unpacks what a user
+would hold and compares it with the source: no file lost, none resurrected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, packerfs, write_random
+from packerfs.crypt import write_age_identity
+from packerfs.pack.scan import NAME_MAX, name_in_car
+
+MiB = 1 << 20
+BIN = "8MiB"
+
+
+def tree_of(root: Path) -> dict[str, bytes | str]:
+    """Relative path -> content (files), "dir", or "-> target" (symlinks)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+                if name in dirnames:
+                    dirnames.remove(name)
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = path.read_bytes()
+    return out
+
+
+def csv_rows(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def key(tmp_path) -> tuple[Path, str]:
+    path = tmp_path / "key.txt"
+    return path, write_age_identity(str(path))
+
+
+def reproduction(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    write_random(src / "a.bin", 12_000_000, 1)
+    write_random(src / "sub" / "b.bin", 2_000_000, 2)
+    (src / "sub" / "c.txt").write_bytes(b"keep\n")
+    return src
+
+
+def pack(src, out, state, recipient, *extra, check=True):
+    return packerfs("pack", src, out, "-r", recipient, "--bin-size", BIN, "-t", state, "--json", *extra, check=check)
+
+
+def unpack(cars, dest, key_path, *extra, check=True):
+    return packerfs("unpack", cars, dest, "-i", key_path, *extra, check=check)
+
+
+def test_deleting_a_file_loses_nothing_and_resurrects_nothing(tmp_path, key):
+    """The issue's reproduction, with OUT reused as a user would keep it."""
+    key_path, recipient = key
+    src = reproduction(tmp_path)
+    out, state = tmp_path / "out", tmp_path / "st"
+    first = json.loads(pack(src, out, state, recipient).stdout)
+    assert first["snapshot"]["id"] == 1
+    (src / "sub" / "c.txt").unlink()
+    second = json.loads(pack(src, out, state, recipient).stdout)
+    assert second["files_deleted"] == 1 and second["deleted_paths"] == ["sub/c.txt"]
+    assert second["snapshot"]["id"] == 2 and second["snapshot"]["files"] == 2
+    # the bins holding a.bin and sub/b.bin stay current: nothing they hold is lost
+    rows = {r["car_file"]: r for r in csv_rows(out)}
+    assert all(r["status"] == "current" for r in rows.values()), rows
+    unpack(out, tmp_path / "restored", key_path)
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+    verified = packerfs("verify", out, "--json", check=False)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+
+def test_fresh_out_after_a_deletion_names_the_bin_it_cannot_generate_and_repack_fixes_it(tmp_path, key):
+    key_path, recipient = key
+    src = reproduction(tmp_path)
+    state = tmp_path / "st"
+    pack(src, tmp_path / "out1", state, recipient)
+    (src / "sub" / "c.txt").unlink()
+    result = pack(src, tmp_path / "out2", state, recipient, check=False)
+    assert result.returncode == 3, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["unavailable_bins"], report
+    # what out2 lacks is listed by name on unpack, never silently dropped
+    partial = unpack(tmp_path / "out2", tmp_path / "r2", key_path, check=False)
+    assert partial.returncode == 3
+    assert b"sub/b.bin" in partial.stdout + partial.stderr
+    # out1 + out2 together are the current bins: exactly the current source
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for car in [*(tmp_path / "out1").glob("*.car"), *(tmp_path / "out2").glob("*.car")]:
+        os.link(car, merged / car.name) if not (merged / car.name).exists() else None
+    unpack(merged, tmp_path / "r-merged", key_path)
+    assert tree_of(tmp_path / "r-merged") == tree_of(src)
+    # --repack-below 1 moves the live files out of the bin that cannot be generated any more
+    repacked = json.loads(pack(src, tmp_path / "out2", state, recipient, "--repack-below", "1").stdout)
+    assert repacked["files_repacked"] >= 1 and not repacked["unavailable_bins"]
+    assert set(report["unavailable_bins"]) <= set(repacked["retired_bins"])
+    unpack(tmp_path / "out2", tmp_path / "r3", key_path, "--force")
+    assert tree_of(tmp_path / "r3") == tree_of(src)
+    verified = packerfs("verify", tmp_path / "out2", "--json", check=False)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+
+def test_change_add_and_delete_across_several_runs(tmp_path, key):
+    key_path, recipient = key
+    src = tmp_path / "src"
+    for i in range(6):
+        write_random(src / f"d{i % 2}" / f"f{i}", 1_500_000 + i, i)
+    os.symlink("d0/f0", src / "link")
+    (src / "empty").mkdir()
+    out, state = tmp_path / "out", tmp_path / "st"
+    pack(src, out, state, recipient)
+    write_random(src / "d0" / "f0", 700_000, 99)  # changed
+    (src / "d1" / "f1").unlink()  # deleted
+    write_random(src / "d2" / "new", 3 * MiB, 7)  # added
+    os.unlink(src / "link")
+    os.symlink("d2/new", src / "link")  # symlink retargeted
+    (src / "empty").rmdir()  # empty directory deleted
+    report = json.loads(pack(src, out, state, recipient).stdout)
+    assert report["files_changed"] >= 1 and report["files_deleted"] >= 1
+    unpack(out, tmp_path / "r1", key_path)
+    assert tree_of(tmp_path / "r1") == tree_of(src)
+    # a third run with no change seals nothing and keeps the same snapshot
+    again = json.loads(pack(src, out, state, recipient).stdout)
+    assert again["new_bins"] == [] and again["snapshot"] is None
+    # the older snapshot restores the older tree: nothing resurrected in the new one, nothing lost in the old
+    listed = json.loads(packerfs("snapshots", out, "--json").stdout)
+    ids = sorted(s["id"] for s in (listed["snapshots"] if isinstance(listed, dict) else listed))
+    assert ids == [1, 2]
+    unpack(out, tmp_path / "r-old", key_path, "--snapshot", "1")
+    old = tree_of(tmp_path / "r-old")
+    assert "d1/f1" in old and "d2/new" not in old and "empty" in old
+    verified = packerfs("verify", out, "--json", check=False)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+
+def test_file_appended_to_during_the_pack_then_rerun_verifies_clean(tmp_path):
+    """The abandoned version's sealed bin retires; the finished set verifies and restores exactly."""
+    src = tmp_path / "src"
+    write_random(src / "a-first", 3 * MiB, 1)
+    write_random(src / "growing", 20 * MiB, 2)
+    state, out = tmp_path / "st", tmp_path / "out"
+    appender = (
+        "import sys\n"
+        "from packerfs.pack import Engine\n"
+        "from packerfs.crypt import make_cipher\n"
+        f"src, state, out = {str(src)!r}, {str(state)!r}, {str(out)!r}\n"
+        "def on_seal(result):\n"
+        "    if result['bin'] == 1:\n"
+        "        with open(src + '/growing', 'ab') as f:\n"
+        "            f.write(b'appended while packing')\n"
+        f"e = Engine.open(src, state, make_cipher(no_encryption=True), {8 * MiB})\n"
+        "try:\n"
+        "    e.scan(on_seal=on_seal, car_dir=out)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+        "    sys.exit(9)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", appender], cwd=ROOT, capture_output=True, timeout=120)
+    assert run.returncode == 9 and b"changed while being read" in run.stdout, run.stdout + run.stderr
+    packerfs("pack", src, out, "--no-encryption", "--bin-size", BIN, "-t", state)
+    verified = packerfs("verify", out, "--json", check=False)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+    packerfs("unpack", out, tmp_path / "restored")
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+
+
+def test_interrupted_snapshot_is_sealed_by_the_rerun(tmp_path):
+    """A run killed before its snapshot: the rerun seals one, without the file deleted in between."""
+    src = tmp_path / "src"
+    write_random(src / "one", 5 * MiB, 1)
+    write_random(src / "two", 5 * MiB, 2)
+    state = tmp_path / "st"
+    packerfs("pack", src, tmp_path / "out", "--no-encryption", "--bin-size", BIN, "-t", state)
+    (src / "two").unlink()
+    write_random(src / "three", 12 * MiB, 3)  # split: its first part seals, then the run is killed
+    killer = (
+        "import os, signal\n"
+        "from packerfs.pack import Engine\n"
+        "from packerfs.crypt import make_cipher\n"
+        "def on_seal(result):\n"
+        "    if result.get('snapshot'):\n"
+        "        return\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"e = Engine.open({str(src)!r}, {str(state)!r}, make_cipher(no_encryption=True), {8 * MiB})\n"
+        f"e.scan(on_seal=on_seal, car_dir={str(tmp_path / 'out')!r})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killer], cwd=ROOT, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    report = json.loads(
+        packerfs("pack", src, tmp_path / "out", "--no-encryption", "--bin-size", BIN, "-t", state, "--json").stdout
+    )
+    assert report["snapshot"] is not None and report["snapshot"]["files"] == 2
+    packerfs("unpack", tmp_path / "out", tmp_path / "restored")
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+
+
+def test_snapshot_larger_than_a_bin_is_split_over_bins(tmp_path):
+    """With tiny bins and many files, the snapshot takes several bins, and still restores everything."""
+    src = tmp_path / "src"
+    for i in range(6000):
+        (src / f"d{i // 1000}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i // 1000}" / (f"file-with-a-long-name-{i:05d}-" + "x" * 150)).write_bytes(b"%d" % i)
+    out = tmp_path / "out"
+    report = json.loads(
+        packerfs("pack", src, out, "--no-encryption", "--bin-size", "1100000", "-t", tmp_path / "st", "--json").stdout
+    )
+    assert len(report["snapshot"]["bins"]) >= 2, report["snapshot"]
+    assert all(c["car_size"] <= 1_100_000 for c in report["cars"])
+    packerfs("unpack", out, tmp_path / "restored")
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+
+
+# ---------------------------------------------------------------- names (§3)
+
+
+def test_names_in_cars_are_at_most_255_bytes_and_ipfs_car_unpacks_them(tmp_path, key, ipfs_car):
+    key_path, recipient = key
+    src = tmp_path / "src"
+    names = ["n" * 255, "é" * 127, "p" * 240, "q" * 240 + "-twin"]
+    for i, name in enumerate(names):
+        write_random(src / name, 5 * MiB + i, i)  # split over bins: .age.partNNNNofNNNN suffixes
+    out = tmp_path / "out"
+    pack(src, out, tmp_path / "st", recipient)
+    listed = subprocess.run(
+        [ipfs_car, "ls", str(next(out.glob("bin-000001.car")))], capture_output=True, timeout=60
+    )
+    assert listed.returncode == 0
+    for car in sorted(out.glob("*.car")):
+        dest = tmp_path / "ipfs" / car.stem
+        dest.parent.mkdir(exist_ok=True)
+        run = subprocess.run([ipfs_car, "unpack", str(car), "--output", str(dest)], capture_output=True, timeout=120)
+        assert run.returncode == 0, run.stderr.decode()
+        for path in dest.rglob("*"):
+            assert len(path.name.encode()) <= NAME_MAX
+    unpack(out, tmp_path / "restored", key_path)
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+
+
+def test_name_in_car_scheme():
+    assert name_in_car(b"short", b".age") == b"short.age"
+    long = "é".encode() * 127
+    shortened = name_in_car(long, b".age.part0001of0002")
+    assert len(shortened) <= NAME_MAX and shortened.endswith(b".age.part0001of0002")
+    shortened.decode()  # never cuts a UTF-8 character in half
+    assert name_in_car(b"x" * 250 + b"a", b".age") != name_in_car(b"x" * 250 + b"b", b".age")
