@@ -413,8 +413,9 @@ def test_packer_front_end_help_and_pack(tmp_path, source):
     assert (tmp_path / "out" / "manifest.csv").exists() and cars_in(tmp_path / "out")
 
 
-def _kill_after_seals(src: Path, state: Path, recipients: list[str], seals: int) -> None:
-    cipher = f"make_cipher({recipients!r})" if recipients else "make_cipher(no_encryption=True)"
+def _kill_after_seals(src: Path, state: Path, recipients: list[str], seals: int, cipher: str | None = None) -> None:
+    if cipher is None:
+        cipher = f"make_cipher({recipients!r})" if recipients else "make_cipher(no_encryption=True)"
     script = (
         "import os, signal\n"
         "from packerfs.pack import Engine\n"
@@ -470,6 +471,34 @@ def test_interrupted_inside_a_split_file_continues_it(tmp_path, encrypted):
         expected = [Path(p).read_bytes() for p in straight.write(str(tmp_path / "straight")).written]
         straight.close()
         assert [c.read_bytes() for c in cars] == expected
+
+
+@pytest.mark.interop
+def test_interrupted_openpgp_split_file_resumes_at_its_last_sealed_leaf(tmp_path, gpg_ed_key, ipfs_car):
+    """OpenPGP's MDC is sequential: the stored SHA-1 state lets the rerun skip the sealed prefix."""
+    src = tmp_path / "src"
+    original = write_random(src / "huge.bin", 10 * MiB + 3, 1)
+    home = str(gpg_ed_key["home"])
+    expr = f"make_cipher(gpg_recipients=[{gpg_ed_key['fpr']!r}], gpg_homedir={home!r})"
+    cipher = make_cipher(gpg_recipients=[gpg_ed_key["fpr"]], gpg_homedir=home)
+    state = tmp_path / "state"
+    Engine.open(str(src), str(state), cipher, BIN).close()
+    _kill_after_seals(src, state, [], 1, cipher=expr)
+    engine = Engine.open(str(src), str(state), cipher, BIN)
+    sealed = engine.index.file(engine.index.latest_version(b"huge.bin"))["leaves_sealed"]
+    report = engine.scan()
+    # the rerun read the rest of the file and (about) one leaf of the sealed prefix, not all of it
+    assert report.bytes_read <= len(original) - (sealed - 1) * MiB, (report.bytes_read, sealed)
+    cars = [Path(p) for p in engine.write(str(tmp_path / "out")).written]
+    engine.close()
+    for car_path in cars:
+        run_tool(ipfs_car, "unpack", car_path, "-o", tmp_path / "un", check=True)
+    stream = b"".join(p.read_bytes() for p in sorted((tmp_path / "un").glob("huge.bin.gpg.part*")))
+    decrypted = subprocess.run(
+        ["gpg", "--homedir", home, "--batch", "-d"], input=stream, capture_output=True, timeout=60
+    )
+    assert decrypted.returncode == 0, decrypted.stderr
+    assert decrypted.stdout == original
 
 
 def test_source_changed_between_interruption_and_resume(tmp_path):

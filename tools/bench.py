@@ -6,6 +6,8 @@ because absolute times on shared machines are noisy.
     python tools/bench.py crypt [--size 512MiB]
     python tools/bench.py pack [--size 2GiB | --files 100000]
     python tools/bench.py reverse [--file-size 1088MiB] [--set-size 10GiB]
+    python tools/bench.py resume [--size 256MiB] [--at 0.9]
+    python tools/bench.py snapshot [--files 100000]
 """
 
 import importlib
@@ -18,6 +20,8 @@ SUITES = {
     "pack": "bench_pack",
     "mount": "bench_mount",
     "reverse": "bench_reverse",
+    "resume": "bench_resume",
+    "snapshot": "bench_snapshot",
 }
 
 

@@ -9,6 +9,8 @@ Pack side::
 
     partial = enc.params()        # at any time: regenerates the stream bytes returned so far
     enc = cipher.resume_file(partial, size, secret)   # after an interruption: same secrets, same bytes
+    enc, plain_offset = cipher.resume_at(partial, size, secret, stream_offset)
+                                  # the same, from stream_offset on: feed plaintext from plain_offset
 
 Unpack side::
 

@@ -66,6 +66,8 @@ AgeEncryptor.params() returns the same blob at any time, and that blob (partial
 or final alike) regenerates the whole stream. AgeCipher.resume_file() unwraps
 the seed and re-derives the same header, key and nonce, so a resumed pass over
 the same plaintext yields identical stream bytes and the identical params blob.
+AgeCipher.resume_at() does the same from any stream offset, starting at the
+STREAM chunk that holds it: nothing before that chunk is read or encrypted.
 """
 
 from __future__ import annotations
@@ -948,16 +950,39 @@ class Params:
 class AgeEncryptor(Encryptor):
     """One sequential pass; params() is the same blob at any time (all of it is drawn up front)."""
 
-    def __init__(self, header: bytes, file_key: bytes, nonce: bytes, params: bytes, plain_size: int):
+    def __init__(self, header: bytes, file_key: bytes, nonce: bytes, params: bytes, plain_size: int,
+                 stream_offset: int = 0):
+        """With `stream_offset` (AgeCipher.resume_at), the pass starts at the chunk holding that stream
+        octet: plaintext from that chunk's first octet on, and the octets before `stream_offset` dropped."""
         if plain_size < 0:
             raise ValueError("negative plaintext size")
         self._params = params
         self._chunker = _Chunker(payload_key(file_key, nonce), plain_size)
-        self._pending: bytes | None = header + nonce
-        self._buf = bytearray()
+        lead = header + nonce
         self._index = 0  # next chunk to emit
-        self._fed = 0
+        self._skip = 0  # stream octets still to drop from the first chunk emitted
+        if stream_offset <= len(lead):
+            self._pending: bytes | None = lead[stream_offset:] or None
+        else:
+            self._pending = None
+            into = stream_offset - len(lead)
+            self._index = min(into // ENC_CHUNK_SIZE, self._chunker.n_chunks - 1)
+            self._skip = into - self._index * ENC_CHUNK_SIZE
+        self._buf = bytearray()
+        self._fed = self._index * CHUNK_SIZE
         self._done = False
+
+    @property
+    def plaintext_offset(self) -> int:
+        """The plaintext octet the first update() must start with (0 unless resumed)."""
+        return self._index * CHUNK_SIZE if not self._done else self._chunker.plain_size
+
+    def _trim(self, out):
+        if self._skip and out:
+            n = min(self._skip, len(out))
+            self._skip -= n
+            return memoryview(out)[n:]
+        return out
 
     def _emit(self, data: memoryview) -> tuple[bytes | bytearray, int]:
         """Encrypt the complete chunks at the start of `data`; -> (stream bytes, plaintext consumed)."""
@@ -975,7 +1000,7 @@ class AgeEncryptor(Encryptor):
         out = bytearray(take + n * TAG_SIZE)
         ch.encrypt_range(self._index, data[:take], memoryview(out))
         self._index += n
-        return out, take
+        return self._trim(out), take
 
     def update(self, plaintext: bytes) -> bytes:
         if self._done:
@@ -995,7 +1020,7 @@ class AgeEncryptor(Encryptor):
             self._buf += plaintext[:need]
             plaintext = memoryview(plaintext)[need:]
             out, used = self._emit(memoryview(self._buf))
-            if not out:
+            if not used:  # the buffered chunk is still incomplete
                 return b"".join(parts)
             parts.append(out)
             self._buf = bytearray()
@@ -1190,6 +1215,24 @@ class AgeCipher(Cipher):
             raise ValueError("negative plaintext size")
         fs = self._secrets_of(self.unwrap_seed(params, plain_size, dataset_secret))
         return AgeEncryptor(fs.header, fs.file_key, fs.nonce, bytes(params), plain_size)
+
+    def resume_at(
+        self, params: bytes, plain_size: int, dataset_secret: bytes, stream_offset: int
+    ) -> tuple[AgeEncryptor, int]:
+        """Continue the pass at stream octet `stream_offset`: -> (encryptor, plaintext offset).
+
+        STREAM chunks are independent, so the encryptor starts at the chunk holding
+        `stream_offset` (plaintext offset = that chunk's first plaintext octet, at most
+        64 KiB before the octet under `stream_offset`) and drops the octets of that
+        chunk before it. The header is regenerated from the seed; params() is `params`."""
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        fs = self._secrets_of(self.unwrap_seed(params, plain_size, dataset_secret))
+        size = stream_size_for(self._header_size, plain_size)
+        if not 0 <= stream_offset <= size:
+            raise ValueError(f"stream offset {stream_offset} is outside the stream (0..{size})")
+        enc = AgeEncryptor(fs.header, fs.file_key, fs.nonce, bytes(params), plain_size, stream_offset)
+        return enc, enc.plaintext_offset
 
 
 # --------------------------------------------------------------------------- unpack side

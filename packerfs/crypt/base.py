@@ -13,7 +13,9 @@ from a FUSE mount without staging anything on disk:
 Pack side:   Cipher.new_file() -> Encryptor (one sequential pass; yields stream
              bytes and the opaque params blob to store, partial at any time,
              final after finish()), Cipher.resume_file(params, ...) -> Encryptor
-             (the same pass again with the same secrets, after an interruption)
+             (the same pass again with the same secrets, after an interruption),
+             Cipher.resume_at(params, ..., stream_offset) -> (Encryptor, plaintext
+             offset) (the same, starting in the middle: only the rest is read)
              and Cipher.open_stream(params, ...) -> Stream (random access later).
 Unpack side: Decryptors turn a random-access view of a stored stream back into
              random-access plaintext (see packerfs.crypt.open_plaintext).
@@ -150,3 +152,59 @@ class Cipher(ABC):
         with what was sealed (and call new_file() on any mismatch), and must
         never resume with params of another file version.
         """
+
+    def resume_at(
+        self, params: bytes, plain_size: int, dataset_secret: bytes, stream_offset: int
+    ) -> tuple[Encryptor, int]:
+        """Continue an interrupted file version from stream octet `stream_offset`.
+
+        -> (encryptor, plaintext_offset). Feed the encryptor the file's plaintext
+        from octet `plaintext_offset` (<= the plaintext under `stream_offset`) to
+        the end; the concatenation of what update()/finish() return is exactly
+        stream octets [stream_offset, stream_size), and params() after finish()
+        equal the final params of an uninterrupted pass over the same plaintext.
+        Partial params() in between cover [0, emitted) as usual, counting the
+        octets before `stream_offset` as emitted.
+
+        `params` and the errors are as for resume_file(); `stream_offset` may be
+        anything in [0, stream_size] (ValueError otherwise) and is typically
+        the end of the sealed leaves (a multiple of 1 MiB). The plaintext before
+        `plaintext_offset` is not read at all, so nothing here can notice that
+        it changed: as with resume_file(), the caller must resume only a file
+        version whose identity still matches, and should check the last sealed
+        leaf against its digest (what that check does and does not cover is
+        documented with each cipher). Same keystream argument as resume_file().
+
+        This default re-encrypts from octet 0 and drops the prefix (correct for
+        any cipher, and O(prefix)); the ciphers override it with random access.
+        """
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        enc = self.resume_file(params, plain_size, dataset_secret)
+        if not 0 <= stream_offset <= self.stream_size(plain_size):
+            raise ValueError(f"stream offset {stream_offset} is outside the stream (0..{self.stream_size(plain_size)})")
+        return SkippingEncryptor(enc, stream_offset), 0
+
+
+class SkippingEncryptor(Encryptor):
+    """An Encryptor whose first `skip` stream octets are dropped (Cipher.resume_at's generic form)."""
+
+    def __init__(self, inner: Encryptor, skip: int):
+        self._inner = inner
+        self._skip = skip
+
+    def _trim(self, data: bytes) -> bytes:
+        if not self._skip:
+            return data
+        n = min(self._skip, len(data))
+        self._skip -= n
+        return bytes(memoryview(data)[n:])
+
+    def update(self, plaintext: bytes) -> bytes:
+        return self._trim(self._inner.update(plaintext))
+
+    def finish(self) -> bytes:
+        return self._trim(self._inner.finish())
+
+    def params(self) -> bytes:
+        return self._inner.params()

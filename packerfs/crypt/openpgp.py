@@ -30,7 +30,12 @@ Params blob (what `Encryptor.params()` returns and `open_stream` takes; version 
 
     0x03 | uvarint(plain_size) | recipients fingerprint (8) | wrapped seed (49 + R)
     | then either 0x01 (final)   | MDC SHA-1 (20) | all checkpoints (16 octets each)
+    |          or 0x02 (partial) | uvarint(covered) | wrapped MDC state (37) | the checkpoints taken so far
     |          or 0x00 (partial) | uvarint(covered) | the checkpoints taken so far
+
+    wrapped MDC state = secrets.wrap(dataset secret, SHA-1 chaining value (20, big-endian),
+                                     "packerfs/openpgp/mdc-state/v1\0" || the octets up to and
+                                     including the wrapped seed || uvarint(mark))
 
     wrapped seed = secrets.wrap(dataset secret, seed (32 random octets) || candidates (R),
                                 WRAP_CONTEXT || the octets before it)
@@ -98,11 +103,37 @@ without resync over the same inner plaintext then yields the same ciphertext,
 so the resumed stream, its checkpoints, MDC and final params are identical. The
 resumed pass does not itself compare anything with the blob: a changed
 plaintext is the caller's to notice, by checking the resumed bytes of the
-sealed prefix against their recorded block digests (packerfs.pack.scan does,
-and starts a new file version on a mismatch).
+sealed prefix against their recorded block digests.
 
-Decryption (unpack side) lives in packerfs.crypt.openpgp_decrypt; the
-benchmark in packerfs.crypt.openpgp_bench. Both are re-exported here.
+Resuming in the middle (OpenPGPCipher.resume_at, what packerfs.pack.scan uses
+to continue a split file at the end of its sealed leaves): CFB restarts at a
+checkpoint, so only the rest is encrypted. The MDC is the hard part: it is a
+SHA-1 over everything before it. Partial params therefore carry the SHA-1
+*state* (chaining value) at the *mark* of checkpoint r = min(checkpoints
+taken, covered >> checkpoint_log2), the last one whose stream offset has been
+emitted: mark(r) = the last multiple of 64 inner octets at or before both
+checkpoint r's CFB block and T - 20 (so the state holds no buffered
+plaintext, and the message length is implied). resume_at(stream offset s)
+restarts CFB at checkpoint k = min(s >> checkpoint_log2, checkpoints held),
+continues the SHA-1 from the stored state if r <= k, hashing (without
+encrypting) the at most 63 + (k - r) * 2**checkpoint_log2 inner octets from
+the mark to the CFB block, and drops the stream octets before s. Without a
+usable state (final params, params with state 0x00, or no libcrypto SHA1_* so
+that hashlib is used: see packerfs.crypt.sha1state) it hashes the plaintext
+from octet 0 instead, which reads the prefix but does not encrypt it. Either
+way the output and the final params are those of an uninterrupted pass.
+
+Why the state is wrapped: a chaining value taken after the secret prefix, next
+to a later one (the MDC in final params, or a state from a later seal), lets
+anyone holding both test guesses of the plaintext hashed in between. Under
+AES-SIV it is no more than the seed is; its context binds it to the file
+version (the wrapped seed) and to its mark, so a state moved to other params,
+or params whose covered/checkpoints were altered, fail to open (FormatError).
+AES-SIV is deterministic, which reveals only whether two wrapped states of one
+file version at one mark are equal: the same plaintext hashed twice.
+
+Decryption (unpack side) lives in packerfs.crypt.openpgp_decrypt (re-exported
+here); the benchmark against gpg in tools/bench_openpgp.py.
 """
 
 from __future__ import annotations
@@ -122,16 +153,16 @@ try:  # cryptography >= 47 keeps CFB here; the old location goes away in 49
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
+from packerfs.crypt import sha1state as _sha1
 from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
 from packerfs.crypt.openpgp_keys import PK_ECDH, EncryptionKey, keys_from_file, keys_from_keyring
 from packerfs.crypt.openpgp_packets import MAX_DEFINITE, TAG_LITERAL, TAG_SEIPD, Framing
-from packerfs.errors import FormatError, SourceChanged, UsageError
+from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
 from packerfs.ipld.cid import decode_uvarint, encode_uvarint
 
 __all__ = [
     "OpenPGPCipher",
     "open_openpgp_plaintext",
-    "bench",
     "CHECKPOINT_LOG2",
     "PARTIAL_THRESHOLD",
     "PARTIAL_CHUNK_LOG2",
@@ -149,6 +180,8 @@ SESSION_KEY_LEN = 32
 SEED_SIZE = 32
 FINGERPRINT_SIZE = 8
 WRAP_CONTEXT = b"packerfs/openpgp/params/v3\0"
+MIDSTATE_CONTEXT = b"packerfs/openpgp/mdc-state/v1\0"
+MIDSTATE_WRAPPED = 1 + 16 + 20  # secrets.wrapped_size(20)
 PARAMS_VERSION = 3
 _DERIVE_INFO = b"packerfs/openpgp/v3 "
 _RECIPIENTS_DOMAIN = b"packerfs/openpgp/recipients/v1\0"
@@ -204,6 +237,10 @@ class Layout:
         """Inner offset just past data octet x-1 (x >= 1)."""
         return PREFIX_LEN + self.lit.body_pos(len(LITERAL_META) + x - 1) + 1
 
+    def data_before_inner(self, x: int) -> int:
+        """Number of data octets at inner offsets < x."""
+        return max(self.lit.body_before(x - PREFIX_LEN) - len(LITERAL_META), 0)
+
     # checkpoints
     def checkpoint_count(self, log2: int) -> int:
         return (self.S - 1) >> log2
@@ -211,6 +248,13 @@ class Layout:
     def checkpoint_block(self, k: int, log2: int) -> int:
         """CFB block index that starts regeneration from checkpoint k (k >= 1)."""
         return self.inner_before(k << log2) // BLOCK
+
+    def hash_mark(self, k: int, log2: int) -> int:
+        """Where the MDC's SHA-1 state for checkpoint k is taken: the last multiple of 64 inner octets
+        at or before both the checkpoint's CFB block and the end of the hashed octets (T - 20)."""
+        if k <= 0:
+            return 0
+        return min(self.checkpoint_block(k, log2) * BLOCK, self.T - 20) // _sha1.BLOCK * _sha1.BLOCK
 
     def inner_bytes(self, a: int, c: int, prefix: bytes, read_data, mdc: bytes | None) -> bytes | memoryview:
         """Inner plaintext [a, c); data via read_data(offset, size) in one call.
@@ -275,10 +319,11 @@ class Layout:
 class _Params:
     """A decoded params blob (version 3; see the module docstring)."""
 
-    __slots__ = ("plain_size", "fingerprint", "wrapped", "final", "covered", "mdc", "checkpoints")
+    __slots__ = ("plain_size", "fingerprint", "wrapped", "final", "covered", "mdc", "checkpoints", "midstate")
 
     def __init__(self, plain_size: int, fingerprint: bytes, wrapped: bytes, *, final: bool,
-                 covered: int | None = None, mdc: bytes | None = None, checkpoints: bytes = b""):
+                 covered: int | None = None, mdc: bytes | None = None, checkpoints: bytes = b"",
+                 midstate: bytes | None = None):
         self.plain_size = plain_size
         self.fingerprint = fingerprint
         self.wrapped = wrapped
@@ -286,6 +331,17 @@ class _Params:
         self.covered = covered  # partial params only
         self.mdc = mdc  # final params only
         self.checkpoints = checkpoints
+        self.midstate = midstate  # partial params only, optional: the wrapped SHA-1 state (MIDSTATE_WRAPPED octets)
+
+    def resumable(self, cp_log2: int) -> int:
+        """The checkpoint whose MDC state a partial blob may carry: the last one taken at or below `covered`."""
+        if self.final:
+            return 0
+        return min(len(self.checkpoints) // BLOCK, self.covered >> cp_log2)
+
+    @staticmethod
+    def midstate_context(fixed: bytes, mark: int) -> bytes:
+        return MIDSTATE_CONTEXT + fixed + encode_uvarint(mark)
 
     @staticmethod
     def bound(plain_size: int, fingerprint: bytes) -> bytes:
@@ -312,13 +368,16 @@ class _Params:
         return self.bound(self.plain_size, self.fingerprint) + self.wrapped
 
     @staticmethod
-    def encode_tail(final: bool, covered: int, mdc: bytes | None, checkpoints: bytes) -> bytes:
+    def encode_tail(final: bool, covered: int, mdc: bytes | None, checkpoints: bytes,
+                    midstate: bytes | None = None) -> bytes:
         if final:
             return b"\x01" + mdc + checkpoints
+        if midstate is not None:
+            return b"\x02" + encode_uvarint(covered) + midstate + checkpoints
         return b"\x00" + encode_uvarint(covered) + checkpoints
 
     def encode(self) -> bytes:
-        return self.fixed + self.encode_tail(self.final, self.covered, self.mdc, self.checkpoints)
+        return self.fixed + self.encode_tail(self.final, self.covered, self.mdc, self.checkpoints, self.midstate)
 
     @classmethod
     def decode(cls, blob: bytes, wrapped_len: int) -> "_Params":
@@ -333,14 +392,19 @@ class _Params:
                 raise ValueError("truncated")
             state = blob[pos]
             pos += 1
-            covered = mdc = None
+            covered = mdc = midstate = None
             if state == 1:
                 mdc = blob[pos : pos + 20]
                 if len(mdc) != 20:
                     raise ValueError("truncated")
                 pos += 20
-            elif state == 0:
+            elif state in (0, 2):
                 covered, pos = decode_uvarint(blob, pos)
+                if state == 2:
+                    midstate = blob[pos : pos + MIDSTATE_WRAPPED]
+                    if len(midstate) != MIDSTATE_WRAPPED:
+                        raise ValueError("truncated")
+                    pos += MIDSTATE_WRAPPED
             else:
                 raise ValueError(f"state {state}")
             cps = blob[pos:]
@@ -348,52 +412,124 @@ class _Params:
                 raise ValueError("truncated checkpoint")
         except ValueError as e:
             raise FormatError(f"bad OpenPGP stream parameters ({e})") from None
-        return cls(plain_size, fingerprint, wrapped, final=state == 1, covered=covered, mdc=mdc, checkpoints=cps)
+        return cls(plain_size, fingerprint, wrapped, final=state == 1, covered=covered, mdc=mdc, checkpoints=cps,
+                   midstate=midstate)
+
+
+class _Start:
+    """Where a resumed encryptor starts (see OpenPGPCipher.resume_at)."""
+
+    __slots__ = ("k", "checkpoints", "state", "hash_pos", "stream_offset")
+
+    def __init__(self, k: int, checkpoints: bytes, state: bytes | None, hash_pos: int, stream_offset: int):
+        self.k = k  # CFB restarts at checkpoint k (0: the start of the stream)
+        self.checkpoints = checkpoints  # checkpoints 1..k
+        self.state = state  # SHA-1 state after `hash_pos` inner octets, or None (then hash_pos == 0)
+        self.hash_pos = hash_pos
+        self.stream_offset = stream_offset  # first stream octet returned
 
 
 class _OpenPGPEncryptor(Encryptor):
-    def __init__(self, layout: Layout, header: bytes, key: bytes, prefix: bytes, fixed: bytes, cp_log2: int):
-        """`fixed`: the params' leading octets, up to and including the wrapped seed (see _Params.fixed)."""
+    def __init__(self, layout: Layout, header: bytes, key: bytes, prefix: bytes, fixed: bytes, cp_log2: int,
+                 dataset_secret: bytes, start: _Start | None = None):
+        """`fixed`: the params' leading octets, up to and including the wrapped seed (see _Params.fixed).
+
+        With `start`, the pass begins in the middle (OpenPGPCipher.resume_at): the MDC's SHA-1 continues
+        from start.state at inner octet start.hash_pos (or starts at 0), CFB encryption restarts at
+        checkpoint start.k, and no stream octet before start.stream_offset is returned."""
         self._L = layout
         self._header = header
         self._prefix = prefix
         self._fixed = fixed
         self._cp_log2 = cp_log2
-        self._enc = _cfb(key, _ZERO_IV)
-        self._sha = hashlib.sha1()
-        self._data_pos = 0
-        self._ipos = 0  # inner octets encrypted so far
-        self._opos = 0  # stream octets returned so far
-        self._tail = b""  # last <= 16 ciphertext octets
-        self._cps = bytearray()
-        self._next_k = 1
+        self._secret = dataset_secret
         self._K = layout.checkpoint_count(cp_log2)
+        if start is None:
+            start = _Start(0, b"", None, 0, 0)
+        k = start.k
+        j0 = layout.checkpoint_block(k, cp_log2) if k else 0
+        iv = start.checkpoints[(k - 1) * BLOCK : k * BLOCK] if k else _ZERO_IV
+        self._enc = _cfb(key, iv)
+        self._ipos = j0 * BLOCK  # inner octets encrypted so far (CFB resumes at block j0)
+        self._tail = bytes(iv) if j0 else b""  # last <= 16 ciphertext octets
+        self._cps = bytearray(start.checkpoints[: k * BLOCK])
+        self._next_k = k + 1
+        self._opos = start.stream_offset  # stream octets returned so far (or skipped)
+        # the MDC: SHA-1 over inner [0, T - 20); its state is saved at each checkpoint's hash mark
+        self._hpos = start.hash_pos  # inner octets hashed (== built) so far; <= _ipos until CFB catches up
+        if start.state is not None:
+            self._sha = _sha1.Sha1.resume(start.state, start.hash_pos)
+        else:
+            assert start.hash_pos == 0
+            self._sha = _sha1.new()
+        self._exportable = isinstance(self._sha, _sha1.Sha1)
+        self._states: dict[int, bytes] = {self._hpos: self._sha.state()} if self._exportable else {}
+        self._mark_k = max(k, 1)  # next checkpoint whose hash mark may still be ahead
+        self._data_pos = layout.data_before_inner(self._hpos)
         self._mdc: bytes | None = None
         self._params: bytes | None = None
         self._buf = bytearray()
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def plaintext_offset(self) -> int:
+        """The plaintext octet the first update() must start with (0 unless resumed)."""
+        return self._data_pos if self._mdc is None else self._L.F
 
     def _drain(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _push(self, inner: bytes, hash_it: bool = True) -> bytes:
+    def _hash(self, data) -> None:
+        """Add inner octets [_hpos, _hpos + len(data)) to the MDC, saving the state at every hash mark."""
+        n = len(data)
+        if not n:
+            return
+        if self._exportable:
+            L, lo, end = self._L, self._hpos, self._hpos + n
+            mv = memoryview(data)
+            done = 0
+            while self._mark_k <= self._K:
+                m = L.hash_mark(self._mark_k, self._cp_log2)
+                if m > end:
+                    break
+                if m > lo + done:
+                    self._sha.update(mv[done : m - lo])
+                    done = m - lo
+                    self._states[m] = self._sha.state()
+                self._mark_k += 1
+            if done < n:
+                self._sha.update(mv[done:])
+        else:
+            self._sha.update(data)
+        self._hpos += n
+
+    def _resumable(self) -> int:
+        return min(len(self._cps) // BLOCK, self._opos >> self._cp_log2)
+
+    def _prune(self) -> None:
+        if len(self._states) > 2:
+            keep = self._L.hash_mark(self._resumable(), self._cp_log2)
+            for m in [m for m in self._states if m < keep]:
+                del self._states[m]
+
+    def _push(self, inner, hash_it: bool = True) -> bytes:
         need = len(inner) + BLOCK
         if len(self._buf) < need:
             self._buf = bytearray(need)
         if len(inner) >= _THREAD_MIN:
             # AES-CFB (which keeps the GIL) runs on a helper thread while this one
-            # computes the MDC's SHA-1 (hashlib drops the GIL): the two overlap.
+            # computes the MDC's SHA-1 (which drops the GIL): the two overlap.
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packerfs-cfb")
             fut = self._pool.submit(self._enc.update_into, inner, self._buf)
             if hash_it:
-                self._sha.update(inner)
+                self._hash(inner)
             n = fut.result()
         else:
             if hash_it:
-                self._sha.update(inner)
+                self._hash(inner)
             n = self._enc.update_into(inner, self._buf)
         ct = memoryview(self._buf)[:n]
         c0, c1 = self._ipos, self._ipos + len(ct)
@@ -416,9 +552,24 @@ class _OpenPGPEncryptor(Encryptor):
         self._tail = (self._tail + bytes(ct[-BLOCK:]))[-BLOCK:]
         self._ipos = c1
         end = L.stream_after_inner(c1) if c1 else 0
+        if end <= self._opos:  # resumed, and not yet at the first octet to return
+            return b""
         out = L.stream_bytes(self._opos, end, self._header, ct, c0)
         self._opos = end
         return out
+
+    def _feed(self, inner) -> bytes:
+        """Inner octets from _hpos on: hashed only below the CFB restart point, hashed and encrypted after."""
+        a = self._hpos
+        if a < self._ipos:
+            h = min(len(inner), self._ipos - a)
+            if h == len(inner):
+                self._hash(inner)
+                return b""
+            inner = memoryview(inner)
+            self._hash(inner[:h])
+            inner = inner[h:]
+        return self._push(inner)
 
     def update(self, plaintext: bytes) -> bytes:
         if self._mdc is not None:
@@ -432,14 +583,16 @@ class _OpenPGPEncryptor(Encryptor):
         base = self._data_pos
         view = memoryview(plaintext)  # slices without copying
         inner = self._L.inner_bytes(
-            self._ipos,
+            self._hpos,
             self._L.inner_after_data(x),
             self._prefix,
             lambda off, size: view[off - base : off - base + size],
             None,
         )
         self._data_pos = x
-        return self._push(inner)
+        out = self._feed(inner)
+        self._prune()
+        return out
 
     def finish(self) -> bytes:
         if self._mdc is not None:
@@ -448,14 +601,18 @@ class _OpenPGPEncryptor(Encryptor):
         if self._data_pos != L.F:
             raise SourceChanged(f"plaintext ended at {self._data_pos} of the scanned {L.F} bytes")
         no_data = lambda off, size: b""  # noqa: E731 - all data has been consumed
-        out = self._push(L.inner_bytes(self._ipos, L.T - 20, self._prefix, no_data, None))
+        out = b""
+        if self._hpos < L.T - 20:
+            out = self._feed(L.inner_bytes(self._hpos, L.T - 20, self._prefix, no_data, None))
         self._drain()
         self._mdc = self._sha.digest()
-        out += self._push(L.inner_bytes(L.T - 20, L.T, self._prefix, no_data, self._mdc), hash_it=False)
+        a = max(self._ipos, L.T - 20)  # past T - 20 only if CFB restarted inside the MDC packet
+        out += self._push(L.inner_bytes(a, L.T, self._prefix, no_data, self._mdc), hash_it=False)
         assert self._opos == L.S and self._next_k == self._K + 1, (self._opos, L.S, self._next_k, self._K)
         self._params = self._fixed + _Params.encode_tail(True, L.S, self._mdc, bytes(self._cps))
         self._enc = None
         self._buf = bytearray()
+        self._states = {}
         return out
 
     def __del__(self):
@@ -464,10 +621,21 @@ class _OpenPGPEncryptor(Encryptor):
             pool.shutdown(wait=False)
 
     def params(self) -> bytes:
-        """Final params after finish(); before it, partial params covering the stream octets returned so far."""
+        """Final params after finish(); before it, partial params covering the stream octets returned so far.
+
+        Partial params carry the MDC's SHA-1 state at the hash mark of checkpoint
+        _Params.resumable(), wrapped under the dataset secret, whenever that state is known
+        (the hash has passed the mark and the SHA-1 is exportable; see OpenPGPCipher.resume_at)."""
         if self._params is not None:
             return self._params
-        return self._fixed + _Params.encode_tail(False, self._opos, None, bytes(self._cps))
+        r = self._resumable()
+        midstate = None
+        if r >= 1:
+            mark = self._L.hash_mark(r, self._cp_log2)
+            state = self._states.get(mark)
+            if state is not None:
+                midstate = _secrets().wrap(self._secret, state, _Params.midstate_context(self._fixed, mark))
+        return self._fixed + _Params.encode_tail(False, self._opos, None, bytes(self._cps), midstate)
 
 
 class _OpenPGPStream:
@@ -614,7 +782,9 @@ class OpenPGPCipher(Cipher):
                 continue
         bound = _Params.bound(plain_size, self._fingerprint)
         wrapped = _secrets().wrap(dataset_secret, seed + candidates, WRAP_CONTEXT + bound)
-        return _OpenPGPEncryptor(self._layout(plain_size), header, key, prefix, bound + wrapped, self.checkpoint_log2)
+        return _OpenPGPEncryptor(
+            self._layout(plain_size), header, key, prefix, bound + wrapped, self.checkpoint_log2, dataset_secret
+        )
 
     def unwrap_seed(self, p: _Params, dataset_secret: bytes) -> tuple[bytes, bytes]:
         """-> (seed, RSA padding candidates) in decoded params `p` (KeyProblem if they do not unwrap)."""
@@ -674,17 +844,53 @@ class OpenPGPCipher(Cipher):
         if plain_size < 0:
             raise ValueError("negative plaintext size")
         p, layout, key, prefix, header = self._unpack(params, plain_size, dataset_secret)
-        return _OpenPGPEncryptor(layout, header, key, prefix, p.fixed, self.checkpoint_log2)
+        return _OpenPGPEncryptor(layout, header, key, prefix, p.fixed, self.checkpoint_log2, dataset_secret)
+
+    def resume_at(
+        self, params: bytes, plain_size: int, dataset_secret: bytes, stream_offset: int
+    ) -> tuple[Encryptor, int]:
+        """Continue the pass at stream octet `stream_offset`: -> (encryptor, plaintext offset).
+
+        CFB restarts at the last checkpoint at or before `stream_offset` that `params`
+        hold, so only the plaintext from there on is encrypted (the octets of that
+        interval before `stream_offset` are dropped). The MDC's SHA-1 continues from
+        the state stored in partial params when it is at or before that point (at
+        most 63 inner octets before the checkpoint's CFB block, so the plaintext
+        offset returned is up to 63 octets earlier than the encryption needs);
+        otherwise (final params, params without a state, or a libcrypto without
+        SHA1_Init) it starts at plaintext octet 0 and the prefix is only hashed,
+        not encrypted. Either way the returned stream octets and the final params
+        are those of an uninterrupted pass over the same plaintext, provided the
+        plaintext before the SHA-1 state is the one hashed when it was taken: that
+        is the caller's to check (the state is authenticated, the plaintext is not).
+        """
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        p, layout, key, prefix, header = self._unpack(params, plain_size, dataset_secret)
+        if not 0 <= stream_offset <= layout.S:
+            raise ValueError(f"stream offset {stream_offset} is outside the stream (0..{layout.S})")
+        log2 = self.checkpoint_log2
+        k = min(stream_offset >> log2, len(p.checkpoints) // BLOCK)
+        state, hash_pos = None, 0
+        r = p.resumable(log2)
+        if p.midstate is not None and 1 <= r <= k and _sha1.available():
+            mark = layout.hash_mark(r, log2)
+            try:
+                state = _secrets().unwrap(dataset_secret, p.midstate, _Params.midstate_context(p.fixed, mark))
+            except KeyProblem:  # the seed opened with this secret: the blob was altered or damaged
+                raise FormatError("OpenPGP stream parameters hold a damaged MDC state") from None
+            if len(state) != _sha1.STATE_SIZE:
+                raise FormatError("OpenPGP stream parameters hold an MDC state of the wrong size")
+            hash_pos = mark
+        start = _Start(k, p.checkpoints[: k * BLOCK], state, hash_pos, stream_offset)
+        enc = _OpenPGPEncryptor(layout, header, key, prefix, p.fixed, log2, dataset_secret, start)
+        return enc, enc.plaintext_offset
 
 
 def __getattr__(name: str):
-    # Lazy re-exports, so importing the cipher does not load the decryptor/bench code.
+    # Lazy re-export, so importing the cipher does not load the decryptor.
     if name == "open_openpgp_plaintext":
         from packerfs.crypt.openpgp_decrypt import open_openpgp_plaintext
 
         return open_openpgp_plaintext
-    if name == "bench":
-        from packerfs.crypt.openpgp_bench import bench
-
-        return bench
     raise AttributeError(name)

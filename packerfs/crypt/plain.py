@@ -1,8 +1,9 @@
 """The identity "cipher": the stored stream is the plaintext itself (--no-encryption).
 
 Params are always b"" (there are no per-file secrets): partial and final
-params are the same and cover the whole stream; resume_file() needs nothing
-from them, so it cannot check the plaintext size or the dataset secret.
+params are the same and cover the whole stream; resume_file() and resume_at()
+need nothing from them, so they cannot check the plaintext size or the dataset
+secret.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ __all__ = ["PlainCipher", "PlainEncryptor", "PlainStream"]
 
 
 class PlainEncryptor(Encryptor):
-    def __init__(self, plain_size: int):
+    def __init__(self, plain_size: int, start: int = 0):
         self._size = plain_size
-        self._fed = 0
+        self._fed = start  # plaintext octets before the first update() (resume_at)
         self._done = False
 
     def update(self, plaintext: bytes) -> bytes:
@@ -85,6 +86,17 @@ class PlainCipher(Cipher):
         if plain_size < 0:
             raise ValueError("negative plaintext size")
         return PlainEncryptor(plain_size)
+
+    def resume_at(
+        self, params: bytes, plain_size: int, dataset_secret: bytes, stream_offset: int
+    ) -> tuple[PlainEncryptor, int]:
+        """The stream is the plaintext: continue at the same offset."""
+        _check_params(params)
+        if plain_size < 0:
+            raise ValueError("negative plaintext size")
+        if not 0 <= stream_offset <= plain_size:
+            raise ValueError(f"stream offset {stream_offset} is outside the stream (0..{plain_size})")
+        return PlainEncryptor(plain_size, stream_offset), stream_offset
 
 
 def _check_params(params: bytes) -> None:

@@ -463,33 +463,59 @@ class Scan:
         self._lay_out(entry, version, record, encryptor, self._stream_leaves(entry, encryptor), 0)
 
     def _continue_file(self, entry: Entry, version: int, record: dict) -> bool:
-        """Re-derive the sealed prefix with the same secrets; False if it no longer matches the index."""
-        encryptor = self.cipher.resume_file(record["params"], entry.size, self.secret)
-        leaves = self._stream_leaves(entry, encryptor)
+        """Continue a file whose first parts are sealed, from the end of its sealed leaves.
+
+        The caller matched the file's fingerprint (size, mtime_ns, ctime_ns, inode) with the record.
+        The last sealed leaf is regenerated from the source and checked against its stored digest
+        (False on a mismatch): that leaf holds every plaintext octet before the seam that the resumed
+        encryptor reads again (the age chunk, or the OpenPGP octets after the stored SHA-1 state, that
+        straddle the seam). Nothing before it is read or encrypted again (Cipher.resume_at)."""
         sealed = record["leaves_sealed"]
-        expected = self.index.digests_of(version, 0, sealed)
-        for i in range(sealed):
-            leaf = next(leaves)
-            if hashlib.sha256(leaf).digest() != expected[i * DIGEST : (i + 1) * DIGEST]:
-                leaves.close()
-                return False
+        offset = sealed * CHUNK_SIZE
+        if not self._last_leaf_matches(entry, version, record, sealed):
+            return False
+        encryptor, plain_offset = self.cipher.resume_at(record["params"], entry.size, self.secret, offset)
         if self.layout is not None and not self.layout.is_empty:
             raise AssertionError("a continued file must start a fresh bin, as it did before the interruption")
         if self.layout is None:
             self._new_bin()
         self._sync_frames(self.layout, self._chain())
+        leaves = self._stream_leaves(entry, encryptor, plain_offset)
         self._lay_out(entry, version, record, encryptor, leaves, sealed)
         return True
 
-    def _stream_leaves(self, entry: Entry, encryptor) -> Iterator[bytes]:
-        """The file's stream, read once from the source and encrypted, cut into leaves."""
+    def _last_leaf_matches(self, entry: Entry, version: int, record: dict, sealed: int) -> bool:
+        """Does the source still produce the last sealed leaf (one leaf of reading and encryption)?"""
         full_path = self.source + b"/" + entry.path
+        fd = self._open_source(full_path)
         try:
-            fd = os.open(full_path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+            def read_plain(off: int, size: int) -> bytes:
+                return os.pread(fd, size, off)
+
+            stream = self.cipher.open_stream(record["params"], entry.size, read_plain, self.secret)
+            try:
+                leaf = stream.read((sealed - 1) * CHUNK_SIZE, CHUNK_SIZE)
+            except SourceChanged:  # the file is shorter than its fingerprint says
+                return False
+        finally:
+            os.close(fd)
+        return hashlib.sha256(leaf).digest() == self.index.digests_of(version, sealed - 1, 1)
+
+    def _open_source(self, full_path: bytes) -> int:
+        try:
+            return os.open(full_path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
         except PermissionError:
-            fd = os.open(full_path, os.O_RDONLY)
+            return os.open(full_path, os.O_RDONLY)
         except OSError as exc:
             raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
+
+    def _stream_leaves(self, entry: Entry, encryptor, start: int = 0) -> Iterator[bytes]:
+        """The file's stream, read once from the source and encrypted, cut into leaves.
+
+        `start`: the plaintext offset a resumed encryptor (Cipher.resume_at) takes first; its
+        stream starts at a leaf boundary, so the leaves are cut from there."""
+        full_path = self.source + b"/" + entry.path
+        fd = self._open_source(full_path)
         leaf = bytearray(CHUNK_SIZE)  # filled from the encryptor's output, then copied out once
         filled = 0
 
@@ -506,7 +532,10 @@ class Scan:
                     yield bytes(leaf)
 
         try:
-            remaining = entry.size
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)
+                self.advance(start)  # the sealed prefix counts as done
+            remaining = entry.size - start
             while remaining:
                 data = os.read(fd, min(CHUNK_SIZE, remaining))
                 if not data:
@@ -683,8 +712,10 @@ class Scan:
         entries_size = 0
         live_files: Counter = Counter()
         live_bytes: Counter = Counter()
+        newest = 0  # the snapshot's time: the newest mtime in the tree, so its bytes depend on the source alone
         for version, record in self._current_tree():
             entries_size += len(snapshot.encode_entry(record, version))
+            newest = max(newest, record["mtime_ns"])
             totals["entries"] += 1
             if record["kind"] == FILE:
                 totals["files"] += 1
@@ -699,7 +730,7 @@ class Scan:
             if self.layout is not None and not self.layout.is_empty:
                 self._seal()  # cannot happen without a change, but never drop laid-out data
             return
-        snapshot_bins = self._seal_snapshot(entries_size, totals, set(live_files))
+        snapshot_bins = self._seal_snapshot(entries_size, totals, set(live_files), newest)
         updates = []
         for result in self.index.all_bins():
             number = result["bin"]
@@ -719,10 +750,9 @@ class Scan:
         self.dirty = False
         self.index.commit(bin_updates=updates, meta=[(b"scan", self._state("scanning"))])
 
-    def _seal_snapshot(self, entries_size: int, totals: dict, live: set[int]) -> set[int]:
+    def _seal_snapshot(self, entries_size: int, totals: dict, live: set[int], time_ns: int) -> set[int]:
         """Lay the snapshot out after whatever the last bin holds, in parts over new bins if it must."""
         snapshot_id = self.next_snapshot
-        time_ns = self._newest_mtime()
         header = snapshot.encode_header(self.dataset, snapshot_id, time_ns)
         # Which bins the snapshot needs depends on where it lands, so the trailer is bounded with the
         # widest bin numbers and then padded to exactly that bound: the plan never moves.
@@ -775,13 +805,6 @@ class Scan:
             totals["entries"], totals["files"], totals["bytes"],
         )
         return set(snapshot_bins)
-
-    def _newest_mtime(self) -> int:
-        """The snapshot's time: the newest mtime in the tree, so its bytes depend on the source alone."""
-        newest = 0
-        for _, record in self._current_tree():
-            newest = max(newest, record["mtime_ns"])
-        return newest
 
 
 class _SnapshotBody:
