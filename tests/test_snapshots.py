@@ -265,3 +265,77 @@ def test_name_in_car_scheme():
     assert len(shortened) <= NAME_MAX and shortened.endswith(b".age.part0001of0002")
     shortened.decode()  # never cuts a UTF-8 character in half
     assert name_in_car(b"x" * 250 + b"a", b".age") != name_in_car(b"x" * 250 + b"b", b".age")
+
+
+# ---------------------------------------------------------------- through the mount
+
+
+@pytest.mark.fuse
+def test_mount_remount_after_changes_copies_out_a_set_that_restores_the_source(tmp_path):
+    """rsync from the mount, change the source, remount and rsync again into the same drive."""
+    from test_mount import mount, read_csv_text, read_bytes
+
+    src = tmp_path / "src"
+    write_random(src / "a.bin", 12_000_000, 1)
+    write_random(src / "sub" / "b.bin", 2_000_000, 2)
+    (src / "sub" / "c.txt").write_bytes(b"keep\n")
+    write_random(src / "z" / "old.bin", 9 * MiB, 3)
+    state, drive = tmp_path / "state", tmp_path / "drive"
+    drive.mkdir()
+    options = ["--bin-size", BIN, "--no-encryption"]
+
+    def copy_out(m):
+        m.wait_ready()
+        run = subprocess.run(
+            ["rsync", "-a", f"{m.mnt}/", f"{drive}/"], capture_output=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr.decode()
+        return m.status(), read_csv_text(read_bytes(m.mnt / "manifest.csv").decode())
+
+    with mount(src, tmp_path / "mnt", state, *options) as m:
+        copy_out(m)
+    (src / "sub" / "c.txt").unlink()  # shares a bin with b.bin and a part of a.bin
+    write_random(src / "z" / "old.bin", 100, 4)  # rewritten: its old bins hold nothing current
+    write_random(src / "new.bin", 3 * MiB, 5)
+    with mount(src, tmp_path / "mnt", state, *options) as m:
+        status, rows = copy_out(m)
+        shown = set(m.cars())
+    assert status["retired_bins"], status  # the bins that held only z/old.bin's first version
+    assert not shown & {f"bin-{n:06d}.car" for n in status["retired_bins"]}
+    assert {r["status"] for r in rows} == {"current"} and {r["car_file"] for r in rows} == shown
+    assert status["unavailable_bins"], status  # the bin shared with the deleted c.txt: still needed
+    run = packerfs("unpack", drive, tmp_path / "restored", check=False)
+    assert run.returncode == 0, run.stderr.decode()
+    assert tree_of(tmp_path / "restored") == tree_of(src)
+    verified = packerfs("verify", drive, "--json", check=False)
+    assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
+
+
+def test_an_entry_that_becomes_unreadable_keeps_its_earlier_version(tmp_path):
+    """--skip-unreadable skips it, but unreadable is not deleted: the snapshot keeps the packed version."""
+    from test_pack import _without_dac_override
+
+    prefix = _without_dac_override()
+    src = tmp_path / "src"
+    kept = write_random(src / "d" / "inside", 3000, 1)
+    write_random(src / "f", 2000, 2)
+    write_random(src / "other", 1000, 3)
+    out, state = tmp_path / "out", tmp_path / "st"
+    packerfs("pack", src, out, "--no-encryption", "--bin-size", BIN, "-t", state)
+    (src / "other").unlink()  # a real change, so the rerun seals a snapshot
+    (src / "d").chmod(0)
+    (src / "f").chmod(0)
+    try:
+        base = prefix + [sys.executable, "-m", "packerfs.cli", "pack", str(src), str(out), "--no-encryption",
+                         "--bin-size", BIN, "-t", str(state), "--skip-unreadable", "--json"]
+        run = subprocess.run(base, capture_output=True, cwd=ROOT, timeout=120)
+        assert run.returncode == 3, run.stderr
+        report = json.loads(run.stdout)
+        assert report["files_deleted"] == 1 and report["deleted_paths"] == ["other"]
+        assert report["snapshot"]["files"] == 2
+    finally:
+        (src / "d").chmod(0o755)
+        (src / "f").chmod(0o644)
+    packerfs("unpack", out, tmp_path / "restored")
+    restored = tree_of(tmp_path / "restored")
+    assert restored["d/inside"] == kept and "f" in restored and "other" not in restored

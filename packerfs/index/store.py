@@ -252,6 +252,26 @@ class Index:
 
     # ------------------------------------------------------------------ writes
 
+    def touch_tree(self, path: bytes) -> None:
+        """Mark `path` and every path below it as seen by this generation (a subtree that could not be read).
+
+        Paths long enough to be stored under their hash are not found by prefix; they are rare enough
+        (480 bytes and more) that an unreadable directory above them is not worth a full scan.
+        """
+        generation = u32(self.generation)
+        prefixes = [path_key(path)] if path else []
+        below = b"/" + path + b"/" if path else b"/"
+        with self.env.begin(write=True) as txn:
+            for key in prefixes:
+                raw = txn.get(key, db=self.paths)
+                if raw is not None:
+                    txn.put(key, bytes(raw[:8]) + generation, db=self.paths)
+            cursor = txn.cursor(db=self.paths)
+            found = cursor.set_range(below)
+            while found and bytes(cursor.key()).startswith(below):
+                cursor.put(bytes(cursor.key()), bytes(cursor.value())[:8] + generation)
+                found = cursor.next()
+
     def clear_segments(self, number: int) -> None:
         """Drop whatever an interrupted scan left of an unsealed bin's byte map."""
         prefix = u32(number)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,8 +16,11 @@ from packerfs.pack.reader import BinReader
 from packerfs.pack.scan import Scan, ScanReport
 from packerfs.ipld import car
 from packerfs.pack.writer import already_written, bin_status, car_name, write_car, write_manifests
+from packerfs.source.walk import excluded_paths
 
 __all__ = ["Engine", "WriteReport", "default_state_dir", "car_name"]
+
+log = logging.getLogger("packerfs.pack")
 
 
 @dataclass
@@ -43,6 +47,9 @@ class Engine:
     bin_size: int
     index: Index
     secret: bytes
+    # Source-relative paths the scan leaves out: packerfs's own state, output and mount point when
+    # they lie inside the source (see exclude()).
+    excluded: set[bytes] = field(default_factory=set)
 
     @classmethod
     def open(cls, source: str, state_dir: str | None, cipher: Cipher, bin_size: int) -> "Engine":
@@ -50,6 +57,7 @@ class Engine:
             raise UsageError(f"{source}: source is not a directory")
         source = os.path.realpath(source)
         state_dir = os.path.abspath(state_dir or default_state_dir(source))
+        excluded = excluded_paths(source, ("state directory", state_dir))  # refuses SRC inside STATE
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         secret = load_or_create_dataset_secret(state_dir)
         index = Index(state_dir)
@@ -61,7 +69,13 @@ class Engine:
                 "recipients": sorted(cipher.recipients),
             }
         )
-        return cls(source, state_dir, cipher, bin_size, index, secret)
+        return cls(source, state_dir, cipher, bin_size, index, secret, excluded)
+
+    def exclude(self, *others) -> None:
+        """Leave these directories (paths, or (what, path) pairs) out of the scan if they lie inside
+        the source; UsageError if one is the source or contains it. Real paths are taken now: for a
+        mount point, call this before mounting (afterwards its stat is the mount's)."""
+        self.excluded |= excluded_paths(self.source, *others)
 
     def scan(
         self,
@@ -72,13 +86,25 @@ class Engine:
         car_dir: str | None = None,
         repack_below: float | None = None,
     ) -> ScanReport:
-        """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out."""
+        """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out.
+
+        The state directory, `car_dir` and anything added with exclude() are left out of the scan when
+        they lie inside the source (one warning names them); `car_dir` being the source or containing
+        it is a UsageError.
+        """
+        excluded = set(self.excluded)
         if car_dir is not None:
+            excluded |= excluded_paths(self.source, ("output directory", car_dir))
             os.makedirs(car_dir, exist_ok=True)
+        if excluded:
+            log.warning(
+                "%s: left out of the scan (packerfs's own state, output or mount point inside the source)",
+                ", ".join(os.fsdecode(os.path.join(os.fsencode(self.source), p)) for p in sorted(excluded)),
+            )
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
-            repack_below=repack_below,
+            repack_below=repack_below, exclude=excluded,
         ).run()
 
     def reader(self) -> BinReader:

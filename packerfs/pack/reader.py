@@ -28,22 +28,28 @@ from packerfs.ipld import car
 from packerfs.ipld.cid import RAW, block_matches, cid_from_digest, decode_uvarint, read_cid
 from packerfs.ipld.unixfs import CHUNK_SIZE, Node, file_node
 from packerfs.plan import costs
+from packerfs.source.files import lstat_source, open_source_file
 from packerfs.source.walk import Fingerprint
 
 FULL_LEAF_SECTION = costs.section_length(CHUNK_SIZE)
 
 
 class _SourceFile:
-    """An open source file of one version, read with pread; closes when evicted."""
+    """An open source file of one version, read with pread; closes when evicted.
 
-    def __init__(self, path: bytes, record: dict):
-        self.path = path
+    Opened below the source root without following any symlink, and only if it is still a
+    regular file (open_source_file): a directory swapped for a symlink out of the tree, or a
+    FIFO or device put in the file's place, is refused with SourceChanged, never read or waited on.
+    """
+
+    def __init__(self, root: bytes, relpath: bytes, record: dict):
+        self.path = root + b"/" + relpath
         self.record = record
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = open_source_file(root, relpath)
         except OSError as exc:
             raise SourceChanged(
-                f"{os.fsdecode(path)}: cannot open source file: {exc.strerror}", path=os.fsdecode(path)
+                f"{os.fsdecode(self.path)}: cannot open source file: {exc.strerror}", path=os.fsdecode(self.path)
             ) from None
 
     def read_plain(self, offset: int, size: int) -> bytes:
@@ -181,8 +187,7 @@ class BinReader:
         with self.files_lock:
             opened = self.files.get(version)
             if opened is None or not record.get("complete"):
-                path = self.source + b"/" + record["path"]
-                source = _SourceFile(path, record)
+                source = _SourceFile(self.source, record["path"], record)
                 stream = self.cipher.open_stream(record["params"], record["size"], source.read_plain, self.secret)
                 opened = _OpenStream(source, stream)
                 self.files.put(version, opened)
@@ -220,10 +225,12 @@ class BinReader:
     def _changed_message(self, record: dict, leaf_index: int) -> str:
         path = self.source + b"/" + record["path"]
         try:
-            now = Fingerprint.of(os.lstat(path))
+            now = Fingerprint.of(lstat_source(self.source, record["path"]))
             how = "its size or times differ" if tuple(now) != tuple(record["fp"]) else "its bytes differ"
         except OSError as exc:
             how = exc.strerror.lower()
+        except SourceChanged:
+            how = "a directory on its path is no longer a directory"
         offset = leaf_index * CHUNK_SIZE
         return (
             f"{os.fsdecode(path)}: source changed since the scan ({how}); refusing to serve "

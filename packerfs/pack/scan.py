@@ -30,7 +30,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 from packerfs import manifest, snapshot
 from packerfs.crypt.base import Cipher
@@ -41,6 +41,7 @@ from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
 from packerfs.plan import costs
 from packerfs.pack.writer import car_name
 from packerfs.plan.layout import BinLayout
+from packerfs.source.files import open_source_file
 from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem, walk
 
 log = logging.getLogger("packerfs.scan")
@@ -116,13 +117,18 @@ class Scan:
         on_seal: Callable[[dict], None] | None = None,
         car_dir: str | None = None,
         repack_below: float | None = None,
+        exclude: Collection[bytes] = (),
     ):
         """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source).
 
         With `repack_below`, the live files of current bins whose live share of their payload is below
         it are placed again (new versions in new bins), so that those bins retire.
+
+        `exclude`: source-relative paths left out of the walk (packerfs's own output, state or
+        mount point inside the source; see packerfs.source.excluded_paths).
         """
         self.car_dir = car_dir
+        self.exclude = frozenset(exclude)
         self.source = os.fsencode(os.path.abspath(source))
         self.index = index
         self.cipher = cipher
@@ -160,7 +166,7 @@ class Scan:
     def run(self) -> ScanReport:
         problems: list[ScanProblem] = []
         total = 0
-        for entry in walk(self.source, problems):
+        for entry in walk(self.source, problems, exclude=self.exclude):
             if entry.path == b"" or entry.kind != FILE:
                 continue
             total += entry.size
@@ -189,7 +195,8 @@ class Scan:
         return self.report
 
     def _scan_all(self) -> None:
-        for entry in walk(self.source, []):
+        late: list[ScanProblem] = []
+        for entry in walk(self.source, late, exclude=self.exclude):
             if entry.path == manifest.DIRNAME:
                 raise UsageError(
                     f"{os.fsdecode(self.source)}/.packerfs: this name is reserved for packerfs's own "
@@ -200,6 +207,7 @@ class Scan:
             self._handle(entry)
             if entry.kind == DIR:
                 self.ancestors.append(entry)
+        self._late_problems(late)
         self._finish()
         self._save_state("ready")
 
@@ -502,10 +510,10 @@ class Scan:
         return hashlib.sha256(leaf).digest() == self.index.digests_of(version, sealed - 1, 1)
 
     def _open_source(self, full_path: bytes) -> int:
+        """The source file at full_path (self.source + b"/" + its path), reached without following any
+        symlink on the way; a FIFO, device or symlink swapped in is SourceChanged, never a hang."""
         try:
-            return os.open(full_path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
-        except PermissionError:
-            return os.open(full_path, os.O_RDONLY)
+            return open_source_file(self.source, full_path[len(self.source) + 1 :])
         except OSError as exc:
             raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
 
@@ -705,9 +713,31 @@ class Scan:
         self.index.commit(dropped=list(keys))
         keys.clear()
 
+    def _late_problems(self, late: list[ScanProblem]) -> None:
+        """Entries that became unreadable (or special) between the counting walk and this one."""
+        known = {(p.path, p.reason) for p in self.report.problems}
+        fresh = [p for p in late if (p.path, p.reason) not in known]
+        for p in fresh:
+            log.warning("%s: %s", os.fsdecode(self.source + b"/" + p.path), p.reason)
+        self.report.problems.extend(fresh)
+        fatal = [p for p in fresh if p.fatal]
+        if fatal and not self.skip_unreadable:
+            listing = "; ".join(f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in fatal[:20])
+            raise PackerfsError(
+                f"{len(fatal)} source entr{'y' if len(fatal) == 1 else 'ies'} became unreadable during the scan "
+                f"({listing}); run again (sealed bins are kept) or pass --skip-unreadable"
+            )
+
+    def _keep_skipped(self) -> None:
+        """An entry skipped as unreadable keeps its earlier version in the snapshot: unreadable is not deleted."""
+        for p in self.report.problems:
+            if p.fatal:
+                self.index.touch_tree(p.path)
+
     def _finish(self) -> None:
         """After the walk: seal the last bin with a snapshot if anything changed, and settle bin statuses."""
         self._flush_finished()
+        self._keep_skipped()
         totals = {"entries": 0, "files": 0, "bytes": 0}
         entries_size = 0
         live_files: Counter = Counter()
