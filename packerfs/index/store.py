@@ -252,25 +252,41 @@ class Index:
 
     # ------------------------------------------------------------------ writes
 
-    def touch_tree(self, path: bytes) -> None:
-        """Mark `path` and every path below it as seen by this generation (a subtree that could not be read).
+    def touch_tree(self, path: bytes) -> Iterator[int]:
+        """Mark `path` and every path below it as seen by this generation (a subtree that could not be
+        read); yields their versions, a batch per transaction.
 
         Paths long enough to be stored under their hash are not found by prefix; they are rare enough
         (480 bytes and more) that an unreadable directory above them is not worth a full scan.
         """
         generation = u32(self.generation)
-        prefixes = [path_key(path)] if path else []
         below = b"/" + path + b"/" if path else b"/"
-        with self.env.begin(write=True) as txn:
-            for key in prefixes:
-                raw = txn.get(key, db=self.paths)
-                if raw is not None:
-                    txn.put(key, bytes(raw[:8]) + generation, db=self.paths)
-            cursor = txn.cursor(db=self.paths)
-            found = cursor.set_range(below)
-            while found and bytes(cursor.key()).startswith(below):
-                cursor.put(bytes(cursor.key()), bytes(cursor.value())[:8] + generation)
-                found = cursor.next()
+        rows = []
+        if path:
+            with self.env.begin() as txn:
+                raw = txn.get(path_key(path), db=self.paths)
+            if raw is not None:
+                rows.append((path_key(path), bytes(raw)))
+        after = None  # the last key handled below `path`
+        while True:
+            with self.env.begin() as txn:
+                cursor = txn.cursor(db=self.paths)
+                found = cursor.set_range(after or below)
+                while found and len(rows) < 1024 and bytes(cursor.key()).startswith(below):
+                    if bytes(cursor.key()) != after:
+                        rows.append((bytes(cursor.key()), bytes(cursor.value())))
+                    found = cursor.next()
+            if not rows:
+                return
+            last = rows[-1][0]
+            rows = [(key, value) for key, value in rows if value[8:] != generation]  # not seen twice
+            with self.env.begin(write=True) as txn:
+                for key, value in rows:
+                    txn.put(key, value[:8] + generation, db=self.paths)
+            for _, value in rows:
+                yield struct.unpack(">Q", value[:8])[0]
+            after = last if last.startswith(below) else after
+            rows = []
 
     def clear_segments(self, number: int) -> None:
         """Drop whatever an interrupted scan left of an unsealed bin's byte map."""

@@ -26,6 +26,7 @@ such bins so they can retire.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections import Counter
@@ -103,6 +104,53 @@ class ScanReport:
 # Paths listed by name in a report; the counts are always complete.
 REPORT_PATHS = 1000
 
+class _TreeSpill:
+    """The snapshot's entries as the scan settles each path, spilled to a file in the state directory.
+
+    Every path the walk meets is written once, when its record is final (skipped as unchanged, or
+    placed), so the snapshot costs one encoding per path and never re-reads the index. The totals
+    and each bin's live files and bytes are kept alongside; memory is a counter per bin.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "wb")
+        self.size = 0
+        self.totals = {"entries": 0, "files": 0, "bytes": 0}
+        self.newest = 0  # the snapshot's time: the newest mtime in the tree, so its bytes depend on the source alone
+        self.live_files: Counter = Counter()
+        self.live_bytes: Counter = Counter()
+
+    def add(self, version: int, record: dict) -> None:
+        encoded = snapshot.encode_entry(record, version)
+        self.file.write(encoded)
+        self.size += len(encoded)
+        self.newest = max(self.newest, record["mtime_ns"])
+        self.totals["entries"] += 1
+        if record["kind"] == FILE:
+            self.totals["files"] += 1
+            self.totals["bytes"] += record["size"]
+            stream = record["stream_size"]
+            first_leaf = 0
+            for number, leaves in zip(record["bins"], record["parts"]):
+                self.live_files[number] += 1
+                self.live_bytes[number] += min(stream, (first_leaf + leaves) * CHUNK_SIZE) - first_leaf * CHUNK_SIZE
+                first_leaf += leaves
+
+    def pieces(self) -> Iterator[bytes]:
+        self.file.close()
+        with open(self.path, "rb") as f:
+            while piece := f.read(CHUNK_SIZE):
+                yield piece
+
+    def close(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 class Scan:
     def __init__(
         self,
@@ -160,6 +208,7 @@ class Scan:
         self.generation = scan_state.get("generation", 0) + 1
         index.generation = self.generation
         self.vacate = self._bins_to_vacate(repack_below) if repack_below is not None else set()
+        self.tree: _TreeSpill | None = None
 
     # ================================================================ driver
 
@@ -186,9 +235,11 @@ class Scan:
             set_total(total)
         self._save_state("scanning")
 
+        self.tree = _TreeSpill(os.path.join(self.index.state_dir, "snapshot.spill"))
         try:
             self._scan_all()
         finally:
+            self.tree.close()
             if self.layout is not None:
                 self.layout.abandon()
                 self.layout = None
@@ -221,6 +272,7 @@ class Scan:
         moving = same and entry.kind == FILE and not self.vacate.isdisjoint(record["bins"])
         if same and record["complete"] and sealed and not moving:
             self.report.skipped += 1
+            self.tree.add(version, record)
             self.pending_touched.append(entry.path)
             if len(self.pending_touched) >= PENDING_FLUSH:
                 self._flush_finished()
@@ -339,7 +391,7 @@ class Scan:
             return
         self.index.commit(
             files=done, paths=list(self.pending_paths.items()), touched=self.pending_touched,
-            digests=self.pending_digests, meta=[(b"scan", self._state("scanning"))],
+            digests=self.pending_digests,
         )
         for version, _ in done:
             del self.pending_files[version]
@@ -391,6 +443,7 @@ class Scan:
         record["bins"].append(self.layout.number)
         self.pending_files[version] = record
         self.pending_paths[entry.path] = version
+        self.tree.add(version, record)
 
     def _place_symlink(self, entry: Entry) -> None:
         block = symlink_block(entry.target)
@@ -410,6 +463,7 @@ class Scan:
         record["bins"].append(layout.number)
         self.pending_files[version] = record
         self.pending_paths[entry.path] = version
+        self.tree.add(version, record)
 
     # ---------------------------------------------------------------- files
 
@@ -640,6 +694,7 @@ class Scan:
         flush_digests()
         record["params"] = encryptor.params()
         record["complete"] = True
+        self.tree.add(version, record)
         self.report.files_placed += 1
 
     # ================================================================ state
@@ -680,38 +735,32 @@ class Scan:
                 vacate.add(result["bin"])
         return vacate
 
-    def _current_tree(self) -> Iterator[tuple[int, dict]]:
-        """(version, record) of every path this scan saw; paths it did not see are dropped from the index."""
+    def _drop_unseen(self) -> None:
+        """Forget the paths this scan did not see: they are gone from the source."""
         dropped: list[bytes] = []
         for key, version, generation in self.index.iter_paths():
             if generation != self.generation:
-                dropped.append(key)
+                dropped.append((key, version))
                 if len(dropped) >= PENDING_FLUSH:
                     self._drop(dropped)
-                continue
-            yield version, self.index.file(version)
         self._drop(dropped)
 
-    def _drop(self, keys: list[bytes]) -> None:
-        """Forget paths gone from the source. `dirty` is committed first, so a crash still ends in a snapshot."""
-        if not keys:
+    def _drop(self, rows: list[tuple[bytes, int]]) -> None:
+        """`dirty` is committed before anything is dropped, so a crash after this still ends in a snapshot."""
+        if not rows:
             return
         if not self.dirty:
             self.dirty = True
             self._save_state("scanning")
-        for key in keys:
-            record = None
+        for key, version in rows:
             try:
-                with self.index.env.begin() as txn:
-                    raw = txn.get(key, db=self.index.paths)
-                if raw is not None:
-                    record = self.index.file(int.from_bytes(bytes(raw[:8]), "big"))
+                record = self.index.file(version)
             except PackerfsError:
-                pass
-            if record is not None and record["kind"] != DIR:
+                continue
+            if record["kind"] != DIR:
                 self._note(self.report.deleted_paths, "deleted", record["path"])
-        self.index.commit(dropped=list(keys))
-        keys.clear()
+        self.index.commit(dropped=[key for key, _ in rows])
+        rows.clear()
 
     def _late_problems(self, late: list[ScanProblem]) -> None:
         """Entries that became unreadable (or special) between the counting walk and this one."""
@@ -732,35 +781,21 @@ class Scan:
         """An entry skipped as unreadable keeps its earlier version in the snapshot: unreadable is not deleted."""
         for p in self.report.problems:
             if p.fatal:
-                self.index.touch_tree(p.path)
+                for version in self.index.touch_tree(p.path):
+                    self.tree.add(version, self.index.file(version))
 
     def _finish(self) -> None:
         """After the walk: seal the last bin with a snapshot if anything changed, and settle bin statuses."""
         self._flush_finished()
         self._keep_skipped()
-        totals = {"entries": 0, "files": 0, "bytes": 0}
-        entries_size = 0
-        live_files: Counter = Counter()
-        live_bytes: Counter = Counter()
-        newest = 0  # the snapshot's time: the newest mtime in the tree, so its bytes depend on the source alone
-        for version, record in self._current_tree():
-            entries_size += len(snapshot.encode_entry(record, version))
-            newest = max(newest, record["mtime_ns"])
-            totals["entries"] += 1
-            if record["kind"] == FILE:
-                totals["files"] += 1
-                totals["bytes"] += record["size"]
-                stream = record["stream_size"]
-                first_leaf = 0
-                for number, leaves in zip(record["bins"], record["parts"]):
-                    live_files[number] += 1
-                    live_bytes[number] += min(stream, (first_leaf + leaves) * CHUNK_SIZE) - first_leaf * CHUNK_SIZE
-                    first_leaf += leaves
+        self._drop_unseen()
+        tree = self.tree
+        live_files, live_bytes = tree.live_files, tree.live_bytes
         if not self.dirty:
             if self.layout is not None and not self.layout.is_empty:
                 self._seal()  # cannot happen without a change, but never drop laid-out data
             return
-        snapshot_bins = self._seal_snapshot(entries_size, totals, set(live_files), newest)
+        snapshot_bins = self._seal_snapshot(tree)
         updates = []
         for result in self.index.all_bins():
             number = result["bin"]
@@ -780,9 +815,10 @@ class Scan:
         self.dirty = False
         self.index.commit(bin_updates=updates, meta=[(b"scan", self._state("scanning"))])
 
-    def _seal_snapshot(self, entries_size: int, totals: dict, live: set[int], time_ns: int) -> set[int]:
+    def _seal_snapshot(self, tree: _TreeSpill) -> set[int]:
         """Lay the snapshot out after whatever the last bin holds, in parts over new bins if it must."""
         snapshot_id = self.next_snapshot
+        entries_size, totals, live, time_ns = tree.size, tree.totals, set(tree.live_files), tree.newest
         header = snapshot.encode_header(self.dataset, snapshot_id, time_ns)
         # Which bins the snapshot needs depends on where it lands, so the trailer is bounded with the
         # widest bin numbers and then padded to exactly that bound: the plan never moves.
@@ -811,7 +847,7 @@ class Scan:
             raise AssertionError(f"snapshot needs {len(plan)} parts, bounded by {parts_bound}")
         snapshot_bins = [number for number, _ in plan]
         trailer = _padded_trailer(totals, sorted(live | set(snapshot_bins)), snapshot_bins, trailer_size)
-        body = _SnapshotBody(header, trailer, size, self._current_tree)
+        body = _SnapshotBody(header, trailer, size, tree.pieces())
         offset = 0
         for part, (number, length) in enumerate(plan, 1):
             if self.layout is None:
@@ -838,25 +874,13 @@ class Scan:
 
 
 class _SnapshotBody:
-    """The snapshot's bytes, produced from the index in order and handed out part by part."""
+    """The snapshot's bytes (header, the spilled entries, trailer), handed out part by part."""
 
-    def __init__(self, header: bytes, trailer: bytes, size: int, tree):
-        self.pieces = self._pieces(header, trailer, tree)
+    def __init__(self, header: bytes, trailer: bytes, size: int, entries: Iterator[bytes]):
+        self.pieces = itertools.chain([header], entries, [trailer])
         self.buffer = bytearray()
         self.size = size
         self.handed = 0
-
-    @staticmethod
-    def _pieces(header, trailer, tree):
-        yield header
-        batch = bytearray()
-        for version, record in tree():
-            batch += snapshot.encode_entry(record, version)
-            if len(batch) >= CHUNK_SIZE:
-                yield bytes(batch)
-                batch = bytearray()
-        yield bytes(batch)
-        yield trailer
 
     def take(self, length: int) -> Iterator[bytes]:
         while length:
