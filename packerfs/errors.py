@@ -6,6 +6,8 @@ where there is one, the byte offset. The CLI prints it on one line; tracebacks
 are only for bugs.
 """
 
+import os
+
 EXIT_OK = 0
 EXIT_ERROR = 1  # the job failed; nothing partial was left behind as if complete
 EXIT_USAGE = 2  # bad command line or options
@@ -28,7 +30,7 @@ class FormatError(PackerfsError):
         self.offset = offset
         where = []
         if path is not None:
-            where.append(str(path))
+            where.append(os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path))
         if offset is not None:
             where.append(f"offset {offset}")
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")

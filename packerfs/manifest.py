@@ -116,22 +116,71 @@ class ManifestError(ValueError):
     pass
 
 
+# ---------------------------------------------------------------- decoding: what a manifest may claim
+# Everything a manifest says is bounded before anyone sizes a list, a range or a file by it.
+DATASET_LENGTH = 16
+MAX_BIN = 2**32  # bin numbers: 1..MAX_BIN
+LEAF = 1 << 20  # the packer's leaf size: every part but the last holds at least one whole leaf
+MAX_BIN_BYTES = 64 << 30  # a bin fills at most a 64 GiB sector, so one part is at most that long
+MAX_PARTS = 1 << 20  # 1 Mi parts: a 1 TiB file over the smallest (1 MiB) bins, 64 PiB over the largest
+MAX_INT64 = 2**63 - 1  # sizes, offsets, versions: what the packer's int64 fields hold
+NAME_MAX = 255  # one path component (Linux NAME_MAX)
+PART_NAME_MAX = NAME_MAX + 64  # a part's name in the bin: the file's name plus `.partNNNNofNNNN`
+MAX_PATH = 1 << 16  # a whole path, bytes (deeper than PATH_MAX is fine: restore uses openat)
+MAX_TARGET = 4096  # a symlink target (Linux PATH_MAX)
+MAX_RECIPIENT = 4096  # one recipient fingerprint string
+
+
+def _text_ok(value) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_RECIPIENT
+
+
+def _int_in(value, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _path_too_long(path: bytes, component_max: int) -> str | None:
+    if len(path) > MAX_PATH:
+        return f"is {len(path)} bytes long (at most {MAX_PATH})"
+    longest = max((len(c) for c in path.split(b"/")), default=0)
+    if longest > component_max:
+        return f"has a {longest}-byte component (at most {component_max})"
+    return None
+
+
 def decode_manifest(data: bytes) -> dict:
     """Parse and validate a manifest. Raises ManifestError with what is wrong."""
     try:
         top = cbor.decode(data)
     except cbor.CBORError as exc:
         raise ManifestError(f"manifest is not DAG-CBOR ({exc})") from None
-    if not isinstance(top, dict) or top.get("packerfs") != FORMAT:
+    except RecursionError:
+        raise ManifestError("manifest is not DAG-CBOR (nested too deep)") from None
+    if not isinstance(top, dict) or top.get("packerfs") != FORMAT or isinstance(top.get("packerfs"), bool):
         raise ManifestError("not a packerfs manifest (format version missing or unknown)")
     for key, kind in (("dataset", bytes), ("bin", int), ("cipher", str), ("recipients", list), ("entries", list)):
-        if not isinstance(top.get(key), kind):
+        if not isinstance(top.get(key), kind) or isinstance(top.get(key), bool):
             raise ManifestError(f"manifest field {key!r} is missing or has the wrong type")
+    if len(top["dataset"]) != DATASET_LENGTH:
+        raise ManifestError(f"manifest field 'dataset' is {len(top['dataset'])} bytes, not {DATASET_LENGTH}")
+    if not 1 <= top["bin"] <= MAX_BIN:
+        raise ManifestError(f"bin number {_num(top['bin'])} is out of range (1 to {MAX_BIN})")
+    if len(top["cipher"]) > 64:
+        raise ManifestError("manifest field 'cipher' is implausibly long")
+    if not all(_text_ok(r) for r in top["recipients"]):
+        raise ManifestError("manifest field 'recipients' holds something other than fingerprints")
     entries = []
     for i, raw in enumerate(top["entries"]):
         entries.append(_check_entry(raw, i))
     top["entries"] = entries
     return top
+
+
+def _num(value) -> str:
+    """An untrusted integer for a message: huge ones abbreviated (str() of a 5000-digit int raises)."""
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return f"{'-' if value < 0 else ''}2**{abs(value).bit_length() - 1}+"
+    return str(value)
 
 
 def _check_entry(raw, i: int) -> dict:
@@ -151,6 +200,29 @@ def _check_entry(raw, i: int) -> dict:
     for key, typ in required.items():
         if not isinstance(raw.get(key), typ) or isinstance(raw.get(key), bool):
             raise bad(f"field {key!r} is missing or has the wrong type")
+    if not _int_in(raw["mode"], 0, 0o7777):
+        raise bad(f"mode {_num(raw['mode'])} is not a set of permission bits")
+    if not _int_in(raw["mtime_ns"], -MAX_INT64 - 1, MAX_INT64):
+        raise bad(f"modification time {_num(raw['mtime_ns'])} is out of range")
+    why = _path_too_long(raw["path"], NAME_MAX)
+    if why:
+        raise bad(f"path {why}")
+    if kind == "file":
+        why = _path_too_long(raw["name"], PART_NAME_MAX)
+        if why:
+            raise bad(f"name in the bin {why}")
+        for key in ("version", "size", "stream", "offset", "length", "part", "parts"):
+            if not _int_in(raw[key], 0, MAX_INT64):
+                raise bad(f"field {key!r} is {_num(raw[key])}, out of range (0 to {MAX_INT64})")
+        if raw["length"] > MAX_BIN_BYTES:
+            raise bad(f"part of {raw['length']} bytes is larger than any bin")
+        # every part but the last holds at least a whole leaf, and none more than a bin
+        most = min(MAX_PARTS, raw["stream"] // LEAF + 1)
+        least = -(-raw["stream"] // MAX_BIN_BYTES)
+        if not max(least, 1) <= raw["parts"] <= most:
+            raise bad(f"{raw['parts']} parts is impossible for a stream of {raw['stream']} bytes")
+    if kind == "symlink" and len(raw["target"]) > MAX_TARGET:
+        raise bad(f"symlink target is {len(raw['target'])} bytes long (at most {MAX_TARGET})")
     entry = dict(raw)
     if kind in ("file", "symlink"):
         cid = raw.get("cid")

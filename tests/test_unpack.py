@@ -197,7 +197,7 @@ def test_round_trip(any_pack, tmp_path):
         assert report.symlinks == 4 and report.files >= 5000
         assert sum(seen) == report.bytes
         assert_same_tree(any_pack["src"], out)
-        assert not list(out.rglob("*.packerfs-partial"))
+        assert not list(out.rglob(".pfs-*.partial"))
     finally:
         make_writable(out)
 
@@ -372,7 +372,7 @@ def test_missing_bin_restores_complete_files(age_pack, tmp_path):
                 assert target.read_bytes() == _source_bytes(src, path), path
                 restored += 1
             else:
-                assert not target.exists() and not Path(str(target) + ".packerfs-partial").exists()
+                assert not target.exists() and not list(target.parent.glob(".pfs-*.partial"))
         assert restored == report.files and restored > 5000 - len(vanishing)
         reader = FileReader(carset, age_pack["keyring"])
         content = _source_bytes(src, HUGE)
@@ -426,7 +426,7 @@ def test_flipped_byte(age_pack, tmp_path):
         restore(carset, str(out), age_pack["keyring"])
     message = str(info.value)
     assert str(car_path) in message and f"offset {section.offset}" in message and "\n" not in message
-    assert not list(out.rglob("*.packerfs-partial"))
+    assert not list(out.rglob(".pfs-*.partial"))
     assert not (out / os.fsdecode(HUGE)).exists()
     make_writable(out)
     reader = FileReader(carset, age_pack["keyring"])

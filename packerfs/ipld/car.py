@@ -9,7 +9,9 @@ block against its CID; every problem is one FormatError naming file and offset.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 from typing import BinaryIO, Iterator, NamedTuple
 
 from packerfs.errors import FormatError, TruncatedInput
@@ -77,6 +79,48 @@ class Section(NamedTuple):
     length: int  # block length
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink"),
+)
+
+
+def file_kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return f"of type 0o{stat.S_IFMT(mode):o}"
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor on `path`, which must be a regular file (after following symlinks).
+
+    A FIFO, socket or device named like a CAR must never block us or be read: the file is
+    lstat'ed/stat'ed first (a device is not even opened), opened with O_NONBLOCK (a FIFO swapped
+    in meanwhile returns at once), checked again with fstat, and only then made blocking.
+    Raises NotRegularFile (a FormatError naming the file) or OSError.
+    """
+    shown = os.fsdecode(path)
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"not a regular file ({file_kind(st.st_mode)})", path=shown)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"not a regular file ({file_kind(st.st_mode)})", path=shown)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class NotRegularFile(FormatError):
+    """A path given or found as a CAR is a directory, FIFO, socket or device."""
+
+
 class CarReader:
     """Sequential reader over one CARv1 file.
 
@@ -85,8 +129,8 @@ class CarReader:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self.file = open(self.path, "rb")
+        self.path = os.fsdecode(path)
+        self.file = os.fdopen(open_regular(path), "rb")
         try:
             self.size = os.fstat(self.file.fileno()).st_size
             self.roots, self.header_length = self._read_header()

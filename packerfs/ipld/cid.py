@@ -2,11 +2,13 @@
 
 Hot paths (one CID per 1 MiB leaf, thousands per second) keep CIDs as plain
 `bytes` in binary form; the `multiformats` package is used at the edges, for
-text encoding and decoding, where its validation is worth its cost.
+decoding text CIDs, where its validation is worth its cost. Text is encoded
+here (cid_to_str), since it must also show CIDs of codecs no table knows.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 from multiformats import CID
@@ -66,10 +68,37 @@ def make_cid(codec: int, data: bytes | memoryview) -> bytes:
     return cid_from_digest(codec, hashlib.sha256(data).digest())
 
 
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _base58btc(data: bytes) -> str:
+    n = int.from_bytes(data, "big")
+    out = []
+    while n:
+        n, r = divmod(n, 58)
+        out.append(_B58[r])
+    pad = len(data) - len(data.lstrip(b"\0"))
+    return "1" * pad + "".join(reversed(out))
+
+
 def cid_to_str(cid: bytes) -> str:
-    """Canonical text form: base32 for CIDv1, base58btc for CIDv0."""
-    decoded = CID.decode(cid)
-    return str(decoded.set(base="base32") if decoded.version == 1 else decoded)
+    """Canonical text form: base32 for CIDv1, base58btc for CIDv0.
+
+    Never raises, whatever the bytes: it is used in error messages about CIDs
+    that came from untrusted input (unknown codecs and hash functions are still
+    CIDs; bytes that are not a CID at all are shown in hex). Encoded here rather
+    than by `multiformats`, which refuses codes missing from its table.
+    """
+    try:
+        cid = bytes(cid)
+        if len(cid) == 34 and cid[:2] == b"\x12\x20":
+            return _base58btc(cid)
+        _, end = read_cid(cid)
+        if end != len(cid) or cid[:1] != b"\x01":
+            raise ValueError("not a CID")
+    except (ValueError, TypeError):
+        return f"<malformed CID 0x{bytes(cid)[:64].hex()}{'…' if len(cid) > 64 else ''}>"
+    return "b" + base64.b32encode(cid).decode("ascii").lower().rstrip("=")
 
 
 def parse_cid(text_or_bytes: str | bytes) -> bytes:
@@ -77,7 +106,8 @@ def parse_cid(text_or_bytes: str | bytes) -> bytes:
     try:
         cid = CID.decode(text_or_bytes)
     except Exception as exc:  # multiformats raises a variety of types
-        raise ValueError(f"not a CID: {text_or_bytes!r}: {exc}") from None
+        shown = text_or_bytes[:120] if isinstance(text_or_bytes, str) else "0x" + bytes(text_or_bytes)[:64].hex()
+        raise ValueError(f"not a CID: {shown!r}: {exc}") from None
     return bytes(cid)
 
 

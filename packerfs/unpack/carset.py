@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,13 +26,17 @@ from typing import Iterable, NamedTuple, Protocol, Sequence
 
 from packerfs import manifest as manifest_format
 from packerfs.errors import FormatError, PackerfsError, TruncatedInput, UsageError
-from packerfs.ipld.car import CarReader, Section
+from packerfs.ipld.car import CarReader, Section, file_kind, open_regular
 from packerfs.ipld.cid import IDENTITY, check_block, cid_multihash, cid_to_str
 from packerfs.unpack import dag
 
 CAR_NAME = re.compile(r"^bin-(\d+)\.car$")
 # A manifest larger than this is not something the planner can produce for any bin size we accept.
 MAX_MANIFEST = 1 << 31
+# More missing bins than this below the highest bin number is not a real set (about 32 PiB of
+# bins at 32 GiB each are gone) but a corrupt or crafted bin number: the CARs and file names
+# claiming such bins are refused, so that no list of missing bins can grow without bound.
+MAX_MISSING_BINS = 1 << 20
 
 
 class Location(NamedTuple):
@@ -108,6 +113,9 @@ class Car:
     entries: list[dict]  # the decoded manifest's entries
     blocks: int  # sections in the CAR
     manifest_offset: int  # section offset of the manifest file's root block
+    # the manifest's `snapshot` map (packerfs.snapshot.check_descriptor), None if it has none;
+    # False if not known (a Car from an index that did not record it: packerfs.unpack.snapshots reads it)
+    snapshot: dict | None | bool = False
 
     @property
     def name(self) -> str:
@@ -136,9 +144,9 @@ class _Descriptors:
             slot = self.open.get(car_id)
             if slot is None:
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    fd = open_regular(path)  # never blocks on a FIFO swapped in since the scan
                 except OSError as exc:
-                    raise PackerfsError(f"{path}: cannot open: {exc.strerror}") from None
+                    raise PackerfsError(f"{path}: cannot open: {exc.strerror or exc}") from None
                 slot = self.open[car_id] = [fd, 0]
                 self._evict()
             else:
@@ -221,12 +229,32 @@ def _car_files(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 
 def _parse_dataset(dataset: bytes | str | None) -> bytes | None:
-    if dataset is None or isinstance(dataset, bytes):
+    if dataset is None:
+        return None
+    if isinstance(dataset, bytes):
+        if len(dataset) != manifest_format.DATASET_LENGTH:
+            raise UsageError(f"a data set id is {manifest_format.DATASET_LENGTH} bytes, not {len(dataset)}")
         return dataset
     try:
-        return bytes.fromhex(dataset)
+        wanted = bytes.fromhex(dataset)
     except ValueError:
-        raise UsageError(f"data set id {dataset!r} is not hexadecimal") from None
+        wanted = None
+    if wanted is None or len(wanted) != manifest_format.DATASET_LENGTH:
+        raise UsageError(
+            f"data set id {dataset[:80]!r} is not {2 * manifest_format.DATASET_LENGTH} hexadecimal digits"
+        )
+    return wanted
+
+
+def _not_regular(path: str) -> str | None:
+    """Why `path` cannot be read as a CAR without risk (a FIFO would block forever), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"not a regular file ({file_kind(st.st_mode)})"
+    return None
 
 
 @dataclass
@@ -281,7 +309,15 @@ class CarSet:
         self = cls(index=index if index is not None else MemoryBlockIndex())
         hinted: set[int] = set()
         candidates: list[Car] = []
-        for path in _car_files(sources):
+        paths = _car_files(sources)
+        if not paths:
+            shown = ", ".join(os.fsdecode(s) for s in ([sources] if isinstance(sources, (str, bytes, os.PathLike)) else sources))
+            raise UsageError(f"{shown or 'no CARs given'}: no *.car files")
+        for path in paths:
+            why = _not_regular(path)
+            if why is not None:
+                self.problems.append(f"{path}: {why} (skipped)")
+                continue
             car_id, car = self.index.begin_car(path)
             sections = None
             try:
@@ -290,7 +326,7 @@ class CarSet:
             except FormatError as exc:
                 self.problems.append(f"{_first_line(exc)} (skipped)")
                 m = CAR_NAME.match(os.path.basename(path))
-                if m:
+                if m and len(m.group(1)) <= 12 and 1 <= int(m.group(1)) <= manifest_format.MAX_BIN:
                     hinted.add(int(m.group(1)))
                 continue
             except PackerfsError as exc:
@@ -346,9 +382,29 @@ class CarSet:
                 self.dataset, self.cipher, self.recipients = car.dataset, car.cipher, list(car.recipients)
             self.cars.append(car)
             self.by_bin[car.bin] = car
-        top = max([*self.by_bin, *hinted], default=0)
-        self.missing_bins = [n for n in range(1, top + 1) if n not in self.by_bin]
+        self._bound_gaps(hinted)
         return self
+
+    def _bound_gaps(self, hinted: set[int]) -> None:
+        """missing_bins, refusing bin numbers so far above the others that the list would be absurd."""
+        last = 0
+        missing = 0
+        for number in sorted(set(self.by_bin) | hinted):
+            gap = number - last - 1
+            if missing + gap > MAX_MISSING_BINS:
+                car = self.by_bin.pop(number, None)
+                if car is not None:
+                    self.cars.remove(car)
+                    self.problems.append(
+                        f"{car.path}: manifest says bin {number}, {gap} bins above bin {last}: implausibly "
+                        f"many missing bins (skipped)"
+                    )
+                continue
+            missing += gap
+            last = number
+        self.missing_bins = [n for n in range(1, last + 1) if n not in self.by_bin]
+        if not self.cars:  # refused from the lowest bin up: nothing is left
+            self.dataset, self.cipher, self.recipients = None, None, []
 
     def _scan(self, car_id: int, path: str) -> tuple[Car, dict[bytes, Section]]:
         with CarReader(path) as reader:
@@ -381,15 +437,25 @@ class CarSet:
             manifest_offset = sections[manifest_cid].offset
             files = dag.FileDag(local)
             size = files.root_size(manifest_cid)
-            if size > MAX_MANIFEST:
+            if size > MAX_MANIFEST or size > reader.size:
+                # more than the CAR holds: a DAG linking the same leaf over and over
                 raise FormatError(f"manifest is implausibly large ({size} bytes)", path=path, offset=manifest_offset)
             data = files.read(manifest_cid, size, 0, size)
             try:
                 decoded = manifest_format.decode_manifest(data)
-            except ValueError as exc:  # ManifestError, or a malformed CID inside an entry
+            except (ValueError, RecursionError) as exc:  # ManifestError, or a malformed CID inside an entry
                 raise FormatError(f"bad manifest: {_first_line(exc)}", path=path, offset=manifest_offset) from None
             if decoded["bin"] < 1:
                 raise FormatError(f"manifest has bin number {decoded['bin']}", path=path, offset=manifest_offset)
+            # Every stored byte of a part in this bin is in this CAR's leaves, so the parts cannot add
+            # up to more than the file: a DAG that links one leaf many times would otherwise let a
+            # small CAR restore terabytes.
+            stored = sum(e["length"] for e in decoded["entries"] if e["kind"] == "file")
+            if stored > reader.size:
+                raise FormatError(
+                    f"manifest puts {stored} bytes of file parts in a CAR of {reader.size} bytes",
+                    path=path, offset=manifest_offset,
+                )
             car = Car(
                 id=car_id,
                 path=path,
@@ -402,7 +468,15 @@ class CarSet:
                 entries=decoded["entries"],
                 blocks=count,
                 manifest_offset=manifest_offset,
+                snapshot=None,
             )
+            if decoded.get("snapshot") is not None:
+                from packerfs.snapshot import SnapshotError, check_descriptor
+
+                try:
+                    car.snapshot = check_descriptor(decoded["snapshot"])
+                except SnapshotError as exc:
+                    raise FormatError(f"bad manifest: {exc}", path=path, offset=manifest_offset) from None
             return car, sections
 
     # ------------------------------------------------------------ blocks
@@ -441,7 +515,12 @@ class CarSet:
     # ------------------------------------------------------------ the tree
 
     def tree(self):
-        """The restored tree's entries from every manifest (built once; see packerfs.unpack.tree)."""
+        """The restored tree's entries from every manifest (built once; see packerfs.unpack.tree).
+
+        A set with no usable CAR has no tree: PackerfsError listing why each CAR was skipped."""
+        if not self.cars:
+            why = "; ".join(self.problems + self.ignored) or "no *.car files"
+            raise PackerfsError(f"no usable packerfs CAR files: {why}")
         with self._tree_lock:
             if self._tree is None:
                 from packerfs.unpack.tree import Tree

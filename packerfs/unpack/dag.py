@@ -63,6 +63,11 @@ class DirNode(NamedTuple):
     links: dict[bytes, bytes]  # link name -> cid
 
 
+def _show(name: bytes) -> str:
+    """A link name for a message (as tree.show: decoded where possible, escaped, quoted; never b'…')."""
+    return repr(bytes(name).decode("utf-8", "backslashreplace"))
+
+
 def _fail(src: BlockSource, cid: bytes, message: str) -> FormatError:
     path, offset = src.where(cid)
     return FormatError(f"block {cid_to_str(cid)}: {message}", path=path, offset=offset)
@@ -111,7 +116,7 @@ def decode_dir_node(src: BlockSource, cid: bytes, block: bytes) -> DirNode:
     table: dict[bytes, bytes] = {}
     for link in links:
         if link.name in table:
-            raise _fail(src, cid, f"directory has two links named {link.name!r}")
+            raise _fail(src, cid, f"directory has two links named {_show(link.name)}")
         table[link.name] = link.cid
     return DirNode(shard, table)
 

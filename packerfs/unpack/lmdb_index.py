@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 import threading
 
@@ -48,7 +49,7 @@ from packerfs.ipld import cbor
 from packerfs.unpack.carset import Car, Location
 
 DIRNAME = "carset.lmdb"
-FORMAT = 1
+FORMAT = 2  # 2: each CAR record keeps its manifest's snapshot map
 MAP_SIZE = 1 << 40  # address space, not disk
 _LOC = struct.Struct(">IQHI")
 _U64 = struct.Struct(">Q")
@@ -142,7 +143,10 @@ class LmdbBlockIndex:
         store = self.store
         key = _key(path)
         try:
-            stamp = _stamp(os.stat(path))
+            st = os.stat(path)
+            # only a regular file is ever taken from the index: a FIFO or device put in a CAR's
+            # place is scanned, so CarSet reports it (it is never opened blocking)
+            stamp = _stamp(st) if stat.S_ISREG(st.st_mode) else None
         except OSError:
             stamp = None  # CarSet's scan reports why it cannot be read
         with store.env.begin() as txn:
@@ -188,6 +192,8 @@ class LmdbBlockIndex:
                         "cipher": car.cipher, "recipients": list(car.recipients), "entries": car.entries,
                         "blocks": car.blocks, "manifest_offset": car.manifest_offset,
                     }
+                    if car.snapshot is not False:  # known: the map, or None for a bin without a snapshot part
+                        fields["snapshot"] = car.snapshot
                     txn.put(key, cbor.encode({"id": car_id, "stamp": stamp, "car": fields}), db=store.cars)
             self.scanned.append(car.path)
         else:

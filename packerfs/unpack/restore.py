@@ -17,18 +17,24 @@ Order of work, each step only after the previous one succeeded:
 Every directory is reached by openat() from out_dir one component at a time
 with O_NOFOLLOW|O_DIRECTORY, and files are created with O_EXCL|O_NOFOLLOW, so
 nothing is ever written through a symlink, whether it was there before or
-made earlier by this restore. A file's content is written to
-`name.packerfs-partial` straight from the authenticated plaintext stream
-(every block CID-checked; age chunk tags; the OpenPGP MDC at the end), and
-renamed to its name only after the whole stream verified and its size matched;
-on any error the partial file is removed. Files with parts in missing bins are
-not written; the report lists them (the CLI exits 3).
+made earlier by this restore. A file's content is written to a short
+temporary name in its directory, `.pfs-XXXXXXXX.partial` (random per run, so
+it fits whatever the final name's length), straight from the authenticated
+plaintext stream (every block CID-checked; age chunk tags; the OpenPGP MDC at
+the end), and renamed to its name only after the whole stream verified and its
+size matched; on any error the temporary file is removed. Files with parts in
+missing bins are not written; the report lists them (the CLI exits 3).
+
+Modes: an existing out_dir keeps its own mode. Restored entries lose their
+setuid, setgid and world-write bits, as tar does for a user who did not ask
+for `--same-permissions` (same_permissions=True keeps every bit).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,7 +46,10 @@ from packerfs.unpack.carset import CarSet
 from packerfs.unpack.reader import FileReader
 from packerfs.unpack.tree import DIR, FILE, SYMLINK, TreeEntry, name_of, parent_of
 
-PARTIAL = b".packerfs-partial"
+PARTIAL_PREFIX = b".pfs-"
+PARTIAL_SUFFIX = b".partial"  # `.pfs-` + 8 hex digits + `.partial`: 21 bytes, well under NAME_MAX
+# dropped from every restored mode unless same_permissions: what a CAR must not hand a user unasked
+UNSAFE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_IWOTH
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -80,11 +89,22 @@ class RestoreReport:
 class _Dirs:
     """Directory descriptors under out_dir, each opened from its parent without following links."""
 
-    def __init__(self, root_fd: int, out: bytes, limit: int = 128):
+    def __init__(self, root_fd: int, out: bytes, limit: int = 128, same_permissions: bool = False):
         self.root_fd = root_fd
         self.out = out
         self.limit = limit
         self.fds: OrderedDict[bytes, int] = OrderedDict()
+        self.keep = 0o7777 if same_permissions else 0o7777 & ~UNSAFE_BITS
+        self.token = secrets.token_hex(4).encode()  # this run's temporary names
+
+    def mode(self, mode: int) -> int:
+        return mode & self.keep
+
+    def partial_name(self) -> bytes:
+        return PARTIAL_PREFIX + self.token + PARTIAL_SUFFIX
+
+    def new_token(self) -> None:
+        self.token = secrets.token_hex(4).encode()
 
     def display(self, path: bytes) -> str:
         return os.fsdecode(os.path.join(self.out, path) if path else self.out)
@@ -175,8 +195,11 @@ def restore(
     keyring: KeyRing | None,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    same_permissions: bool = False,
 ) -> RestoreReport:
-    """Write the CAR set's tree into out_dir. progress(n) is called with plaintext bytes written."""
+    """Write the CAR set's tree into out_dir. progress(n) is called with plaintext bytes written.
+
+    same_permissions: keep setuid, setgid and world-write bits (dropped by default)."""
     advance = progress or (lambda n: None)
     if not carset.cars:
         why = "; ".join(carset.problems) if carset.problems else "no *.car files given"
@@ -196,13 +219,20 @@ def restore(
     files = [e for e in entries if e.kind == FILE and e.complete]
     links = [e for e in entries if e.kind == SYMLINK]
 
-    _preflight(out, entries, force)
+    try:
+        _preflight(out, entries, force)
+    except OSError as exc:
+        raise PackerfsError(f"{os.fsdecode(exc.filename or out)}: {exc.strerror or exc}") from None
     if files and carset.cipher != "plain":
         reader.plaintext(files[0].path)  # KeyProblem (or a damaged header) before anything is written
 
-    os.makedirs(out, exist_ok=True)
-    root_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds = _Dirs(root_fd, out)
+    try:
+        existed = os.path.isdir(out)
+        os.makedirs(out, exist_ok=True)
+        root_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PackerfsError(f"{os.fsdecode(out)}: {exc.strerror or exc}") from None
+    fds = _Dirs(root_fd, out, same_permissions=same_permissions)
     current = b""
     try:
         for entry in dirs:
@@ -223,7 +253,8 @@ def restore(
             if entry.path == b"" and entry.mtime_ns is None:
                 continue  # no manifest describes the root: leave out_dir as it is
             fd = fds.get(entry.path)
-            os.fchmod(fd, entry.mode & 0o7777)
+            if entry.path or not existed:  # an existing out_dir keeps its mode
+                os.fchmod(fd, fds.mode(entry.mode))
             _set_time(fd, entry.mtime_ns, fds.display(entry.path))
     except OSError as exc:
         raise PackerfsError(f"{fds.display(current)}: {exc.strerror or exc}") from None
@@ -268,16 +299,50 @@ def _clear_for(fds: _Dirs, parent: int, name: bytes, path: bytes, force: bool) -
     os.unlink(name, dir_fd=parent)  # removes a symlink itself, never what it points to
 
 
+def _create_partial(fds: _Dirs, parent: int) -> tuple[bytes, int]:
+    """A new temporary file in `parent`: (its name, its descriptor)."""
+    for _ in range(16):
+        partial = fds.partial_name()
+        try:
+            return partial, os.open(partial, _NEW_FILE, 0o600, dir_fd=parent)
+        except FileExistsError:  # a leftover of a killed run, or a restored entry of that name
+            fds.new_token()
+    raise PackerfsError(f"{fds.display(b'')}: cannot find a free temporary name")
+
+
 def _write_file(fds: _Dirs, reader: FileReader, entry: TreeEntry, force: bool, advance) -> int:
     parent = fds.get(parent_of(entry.path))
     name = name_of(entry.path)
-    partial = name + PARTIAL
-    try:
-        os.unlink(partial, dir_fd=parent)  # a leftover of an interrupted run
-    except FileNotFoundError:
-        pass
-    fd = os.open(partial, _NEW_FILE, 0o600, dir_fd=parent)
+    partial, fd = _create_partial(fds, parent)
     done = False
+    written = 0
+    try:
+        written = _fill(fds, fd, reader, entry, advance)
+        st = _lstat_at(parent, name)
+        if st is not None and (stat.S_ISDIR(st.st_mode) or not force):
+            if stat.S_ISDIR(st.st_mode):
+                raise PackerfsError(f"{fds.display(entry.path)}: is a directory; --force never replaces a directory")
+            raise _exists_error(fds, entry.path)
+        os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)  # replaces a file or symlink itself
+        done = True
+    finally:
+        if not done:
+            try:
+                os.unlink(partial, dir_fd=parent)
+            except OSError:
+                pass
+    return written
+
+
+def _lstat_at(parent: int, name: bytes):
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _fill(fds: _Dirs, fd: int, reader: FileReader, entry: TreeEntry, advance) -> int:
+    """Write the entry's verified plaintext to `fd` (closed on return), set its mode and time."""
     written = 0
     try:
         for chunk in reader.iter_verified(entry.path):
@@ -291,26 +356,10 @@ def _write_file(fds: _Dirs, reader: FileReader, entry: TreeEntry, force: bool, a
             raise FormatError(
                 f"{os.fsdecode(entry.path)}: decrypted {written} bytes, the manifest says {entry.size}"
             )
-        os.fchmod(fd, entry.mode & 0o7777)
+        os.fchmod(fd, fds.mode(entry.mode))
         _set_time(fd, entry.mtime_ns, fds.display(entry.path))
-        done = True
     finally:
         os.close(fd)
-        if not done:
-            try:
-                os.unlink(partial, dir_fd=parent)
-            except OSError:
-                pass
-    try:
-        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    if st is not None and (stat.S_ISDIR(st.st_mode) or not force):
-        os.unlink(partial, dir_fd=parent)
-        if stat.S_ISDIR(st.st_mode):
-            raise PackerfsError(f"{fds.display(entry.path)}: is a directory; --force never replaces a directory")
-        raise _exists_error(fds, entry.path)
-    os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)  # replaces a file or symlink itself
     return written
 
 
