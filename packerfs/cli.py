@@ -85,9 +85,22 @@ def _cipher_from_args(args: argparse.Namespace):
 
 
 def _bin_size_from_args(args: argparse.Namespace) -> int:
+    from packerfs.errors import UsageError
     from packerfs.plan.sizes import DEFAULT_BIN_SIZE, check_bin_size, parse_size
 
-    return check_bin_size(parse_size(args.bin_size) if args.bin_size else DEFAULT_BIN_SIZE)
+    if not args.bin_size:
+        return check_bin_size(DEFAULT_BIN_SIZE)
+    text = args.bin_size
+    # No bin size we accept needs more than a few dozen characters; a longer one would make
+    # int() exceed Python's digit limit (a ValueError) or print a huge message.
+    shown = text if len(text) <= 40 else text[:40] + f"… ({len(text)} characters)"
+    if len(text) > 100:
+        raise UsageError(f"--bin-size {shown!r}: too long for a size; use e.g. 8MiB, 1GB, 31.5GiB")
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise UsageError(f"--bin-size {shown!r}: cannot read it as a size; use e.g. 8MiB, 1GB, 31.5GiB") from None
+    return check_bin_size(size)
 
 
 def open_engine(args: argparse.Namespace):
@@ -102,8 +115,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     from packerfs.index.lock import lock_state
     from packerfs.pack import default_state_dir
+    from packerfs.source import excluded_paths
 
     state_dir = args.temp or default_state_dir(args.source)
+    if os.path.isdir(args.source):
+        # before the lock or anything else is written: OUT or STATE being SRC or above it is refused
+        excluded_paths(args.source, ("output directory", args.output), ("state directory", state_dir))
     lock = lock_state(state_dir, f"packing {os.path.abspath(args.source)}")
     engine = open_engine(args)
     try:
@@ -221,23 +238,47 @@ def _printable(text: str) -> str:
 
 
 def _open_carset(args: argparse.Namespace):
-    from packerfs.unpack import CarSet
+    from packerfs.unpack.snapshots import open_carset
 
-    return CarSet.open(args.cars, dataset=bytes.fromhex(args.dataset) if args.dataset else None)
+    return open_carset(args.cars, dataset=args.dataset or None, snapshot=getattr(args, "snapshot", None))
+
+
+def _print_set_lines(carset, tree, out=None) -> bool:
+    """Unusable CARs, lost snapshots and bins, retired bins, warnings: one line each on stderr.
+    True if the set is incomplete (exit 3)."""
+    from packerfs.unpack.verify import set_lines
+
+    incomplete, notes = set_lines(carset, tree)
+    for line in incomplete + notes:
+        print(line, file=out or sys.stderr)
+    return bool(incomplete)
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
     from packerfs.crypt import KeyRing
+    from packerfs.errors import EXIT_INCOMPLETE
     from packerfs.unpack import restore
+    from packerfs.unpack.verify import escape_name, set_lines
 
     keyring = KeyRing(args.identity or (), args.gpg_homedir)
     carset = _open_carset(args)
     try:
-        total = sum(e.size for e in carset.tree() if e.kind == "file" and e.complete)
+        tree = carset.tree()
+        total = sum(e.size for e in tree if e.kind == "file" and e.complete)
         with progress("unpacking", total) as advance:
-            report = restore(carset, args.output, keyring, force=args.force, progress=advance)
+            report = restore(
+                carset, args.output, keyring, force=args.force, progress=advance,
+                same_permissions=args.same_permissions,
+            )
+        incomplete, notes = set_lines(carset, tree)
     finally:
         carset.close()
+    lines = list(incomplete)
+    for e in report.incomplete:
+        bins = ", ".join(str(b) for b in e.missing_bins) or "unknown"
+        parts = ", ".join(str(p) for p in e.missing_parts)
+        lines.append(f"incomplete, not restored: {escape_name(e.path)} (part {parts} of {e.parts} missing; bin {bins})")
+    exit_code = EXIT_INCOMPLETE if incomplete or report.exit_code != 0 else 0
     if args.json:
         print(
             json.dumps(
@@ -247,18 +288,22 @@ def cmd_unpack(args: argparse.Namespace) -> int:
                     "dirs": report.dirs,
                     "symlinks": report.symlinks,
                     "bytes": report.bytes,
-                    "complete": report.complete,
+                    "complete": exit_code == 0,
+                    "snapshot": tree.snapshot.id if tree.snapshot else None,
                     "missing_bins": report.missing_bins,
+                    "retired_bins": list(tree.retired_bins),
                     "incomplete": [os.fsdecode(e.path) for e in report.incomplete],
-                    "problems": report.lines()[1:],
+                    "problems": lines,
+                    "notes": notes,
                 },
                 indent=1,
             )
         )
     else:
-        for line in report.lines():
-            print(line, file=sys.stdout if line is report.lines()[0] else sys.stderr)
-    return report.exit_code
+        print(report.lines()[0])
+        for line in lines + notes:
+            print(line, file=sys.stderr)
+    return exit_code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -276,53 +321,106 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         carset.close()
     if args.json:
-        print(json.dumps({"ok": report.ok, "cars": report.cars, "blocks": report.blocks, "problems": report.problems}, indent=1))
+        print(json.dumps({
+            "ok": report.ok, "cars": report.cars, "blocks": report.blocks, "snapshot": report.snapshot,
+            "problems": report.problems, "missing": report.missing, "notes": report.notes,
+            "lost_bins": report.lost_bins, "retired_bins": report.retired_bins,
+        }, indent=1))
     else:
         lines = report.lines()
         print(lines[0])
         for line in lines[1:]:
             print(line, file=sys.stderr)
-    return 0 if report.ok else EXIT_ERROR
+    return report.exit_code
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    import base64
+
+    from packerfs.errors import EXIT_INCOMPLETE
     from packerfs.unpack import ls
+    from packerfs.unpack.verify import escape_name
 
     carset = _open_carset(args)
     try:
         rows = ls(carset)
+        incomplete = _print_set_lines(carset, carset.tree())
     finally:
         carset.close()
+    code = EXIT_INCOMPLETE if incomplete else 0
+
+    def text(raw: bytes) -> str:
+        return raw.decode("utf-8", "replace")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
     if args.json:
         print(
             json.dumps(
                 [
                     {
-                        "path": os.fsdecode(r.path),
+                        "path": text(r.path),
+                        "path_b64": b64(r.path),
                         "kind": r.kind,
                         "size": r.size,
                         "parts": r.parts,
                         "bins": list(r.bins),
                         "complete": r.complete,
-                        **({"target": os.fsdecode(r.target)} if r.kind == "symlink" else {}),
+                        **({"target": text(r.target), "target_b64": b64(r.target)} if r.kind == "symlink" else {}),
                     }
                     for r in rows
                 ],
                 indent=1,
             )
         )
-        return 0
+        return code
     for r in rows:
         bins = ",".join(str(b) for b in r.bins)
-        extra = f" -> {os.fsdecode(r.target)}" if r.kind == "symlink" else ""
+        extra = f" -> {escape_name(r.target)}" if r.kind == "symlink" else ""
         flag = "" if r.complete else "  (incomplete)"
         parts = f"{r.parts} part{'s' if r.parts != 1 else ''}" if r.kind == "file" else ""
-        print(f"{r.kind:7} {r.size:>14,} {parts:>9}  bin {bins:<12} {os.fsdecode(r.path) or '.'}{extra}{flag}")
-    return 0
+        print(f"{r.kind:7} {r.size:>14,} {parts:>9}  bin {bins:<12} {escape_name(r.path) or '.'}{extra}{flag}")
+    return code
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from packerfs.errors import EXIT_INCOMPLETE
+    from packerfs.unpack.snapshots import choose, listing
+
+    carset = _open_carset(args)
+    try:
+        rows = listing(carset)
+        chosen, notes, lost = choose(carset)
+        problems = list(carset.problems)
+    finally:
+        carset.close()
+    for row in rows:
+        row["current"] = chosen is not None and row["id"] == chosen.id
+    code = EXIT_INCOMPLETE if problems or lost else 0
+    if args.json:
+        print(json.dumps({"snapshots": rows, "current": chosen.id if chosen else None,
+                          "problems": problems + lost, "notes": notes}, indent=1))
+        return code
+    if rows:
+        print(f"{'id':>4}  {'time':24} {'files':>9} {'bytes':>16}  {'status':10}  {'bins':12} part-1 CID")
+    for row in rows:
+        status = "complete" if row["complete"] else "incomplete"
+        where = ",".join(map(str, row["snapshot_bins"])) or "-"
+        mark = " (current)" if row["current"] else ""
+        print(f"{row['id']:>4}  {row['time']:24} {row['files']:>9,} {row['bytes']:>16,}  {status:10}  "
+              f"{where:12} {row['cid'] or '-'}{mark}")
+    for line in problems + lost + notes:
+        print(line, file=sys.stderr)
+    return code
 
 
 def add_carset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+    p.add_argument(
+        "--snapshot", metavar="ID",
+        help="restore the tree of snapshot ID (`packerfs snapshots` lists them); default: the newest complete one",
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -463,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--identity", action="append", metavar="FILE", help="age identity or OpenSSH private key (repeatable)")
     p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home with the secret key (default: gpg's own)")
     p.add_argument("--force", action="store_true", help="overwrite existing files in OUT")
+    p.add_argument(
+        "-p", "--same-permissions", action="store_true",
+        help="keep setuid, setgid and world-write bits (dropped by default, as tar does); an existing OUT "
+        "keeps its own mode either way",
+    )
     p.add_argument("--json", action="store_true")
     add_carset_options(p)
     p.set_defaults(func=cmd_unpack)
@@ -491,6 +594,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_carset_options(p)
     p.set_defaults(func=cmd_ls)
+
+    p = commands.add_parser(
+        "snapshots",
+        help="list the data-set snapshots in CAR files",
+        description="List the data-set snapshots a set of CARs holds (every scan that changed anything sealed "
+        "one: the whole tree at that time): id, time, files, bytes, complete or incomplete, the bins holding "
+        "it and its part-1 CID. unpack, ls, verify and mount --reverse use the newest complete one unless "
+        "given --snapshot ID. Exit 3 if the newest one is incomplete or a CAR is unusable.",
+        epilog=EPILOG,
+    )
+    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+    p.set_defaults(func=cmd_snapshots)
 
     p = commands.add_parser("status", help="show the state of a scan", description="Show a state directory's scan state.")
     p.add_argument("source", metavar="SRC", nargs="?", default=".")
@@ -542,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except OSError as exc:
         # Environment failures (full disk, permissions) are not bugs: one line, no traceback.
-        where = f"{exc.filename}: " if exc.filename else ""
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
         hint = " (disk full: free space and run again; finished work is kept)" if exc.errno == errno.ENOSPC else ""
         print(f"packerfs: error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
         return EXIT_ERROR

@@ -99,9 +99,9 @@ def test_unpack_failures_have_exit_codes(tmp_path, age_pack):
     assert partial.returncode == 3
     assert b"big.bin" in partial.stderr and b"missing bins: 2" in partial.stderr
     assert (tmp_path / "o3" / "a.txt").read_bytes() == (src / "a.txt").read_bytes()
-    # verify fails (exit 1) and names the missing CAR
+    # verify reports the set incomplete (exit 3: a bin the snapshot needs is lost) and names the missing CAR
     failed = packerfs("verify", cars, check=False)
-    assert failed.returncode == 1 and b"bin-000002.car" in failed.stderr + failed.stdout
+    assert failed.returncode == 3 and b"bin-000002.car" in failed.stderr + failed.stdout
 
 
 def test_corrupt_car_is_named_with_offset(tmp_path, age_pack):
@@ -114,7 +114,7 @@ def test_corrupt_car_is_named_with_offset(tmp_path, age_pack):
     assert result.returncode == 1
     message = one_line_error(result)
     assert "bin-000003.car" in message and "offset" in message
-    assert not list((tmp_path / "out").rglob("*.packerfs-partial")) if (tmp_path / "out").exists() else True
+    assert not list((tmp_path / "out").rglob(".pfs-*.partial")) if (tmp_path / "out").exists() else True
 
 
 @pytest.mark.interop
@@ -223,7 +223,7 @@ def test_full_disk_while_unpacking_leaves_no_false_file(tmp_path, small_disk):
     message = one_line_error(result)
     assert "disk full" in message or "No space" in message
     assert not (out / "z-big.bin").exists()
-    assert not list(out.rglob("*.packerfs-partial"))
+    assert not list(out.rglob(".pfs-*.partial"))
 
 
 def test_one_writer_per_state_directory(tmp_path):

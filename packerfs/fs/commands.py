@@ -42,6 +42,7 @@ def register_mount_commands(commands) -> None:
         help="--reverse: age identity or OpenSSH private key (repeatable)",
     )
     p.add_argument("--dataset", metavar="HEX", help="--reverse: use only the CARs of this data set (when several are mixed)")
+    p.add_argument("--snapshot", metavar="ID", help="--reverse: show the tree of snapshot ID (default: the newest complete one)")
     add_pack_options(p)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed in the status file)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
@@ -64,11 +65,12 @@ def register_mount_commands(commands) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     if args.reverse:
         return cmd_mount_reverse(args)
-    if args.identity or args.dataset:
-        raise UsageError("--identity and --dataset go with --reverse (mounting CARs as the original tree)")
+    if args.identity or args.dataset or args.snapshot:
+        raise UsageError("--identity, --dataset and --snapshot go with --reverse (mounting CARs as the original tree)")
     from packerfs.cli import open_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach, serve
     from packerfs.pack import default_state_dir
+    from packerfs.source import excluded_paths
 
     if not os.path.isdir(args.source):
         raise UsageError(f"{args.source}: source is not a directory")
@@ -76,12 +78,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     state_dir = os.path.abspath(args.temp or default_state_dir(os.path.realpath(args.source)))
     args.temp = state_dir
+    # Now, before mounting (afterwards a stat of MNT is the mount's root); refuses MNT or STATE being SRC or above it.
+    excluded = excluded_paths(
+        os.path.realpath(args.source), ("state directory", state_dir), ("mount point", mountpoint)
+    )
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(state_dir, LOG_NAME)
 
+    def mount_engine():
+        engine = open_engine(args)
+        engine.excluded |= excluded  # MNT and STATE inside SRC are left out of the scan
+        return engine
+
     def job(ready) -> int:
         return serve(
-            lambda: open_engine(args), mountpoint, state_dir,
+            mount_engine, mountpoint, state_dir,
             allow_other=args.allow_other, skip_unreadable=args.skip_unreadable,
             repack_below=args.repack_below, ready=ready,
             log_path=None if args.foreground else log_path,
@@ -129,7 +140,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
 
     def job(ready) -> int:
         return serve_reverse(
-            cars, mountpoint, state_dir, keyring, dataset=dataset, allow_other=args.allow_other, ready=ready,
+            cars, mountpoint, state_dir, keyring, dataset=dataset, snapshot=args.snapshot, allow_other=args.allow_other, ready=ready,
             log_path=None if args.foreground else log_path,
         )
 

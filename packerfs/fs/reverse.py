@@ -40,15 +40,20 @@ def default_reverse_state_dir(cars: str) -> str:
     return os.path.join(base, "packerfs", f"reverse-{key}")
 
 
-def open_generation(number: int, cars, store, keyring, dataset=None):
-    """A CarSet over the LMDB index `store`, its FileReader and tree, as a Generation."""
+def open_generation(number: int, cars, store, keyring, dataset=None, snapshot=None):
+    """A CarSet over the LMDB index `store`, its FileReader and tree, as a Generation.
+
+    `snapshot`: the id of the snapshot whose tree to show (UsageError if no bin names it), or None
+    for the newest complete one."""
     from packerfs.fs.reverseview import Generation
     from packerfs.unpack import CarSet, FileReader
+    from packerfs.unpack.snapshots import set_choice
 
     started = time.monotonic()
     session = store.session()
     carset = CarSet.open(cars, dataset=dataset, index=session)
     try:
+        set_choice(carset, snapshot)
         if not carset.cars:
             why = "; ".join(carset.problems + carset.ignored) or "no *.car files"
             raise PackerfsError(f"no usable packerfs CAR files in {_show(cars)}: {why}")
@@ -87,11 +92,15 @@ def encode_key(key) -> bytes:
 
 
 def open_message(gen) -> bytes:
+    from packerfs.unpack.snapshots import LEGACY
+
     carset = gen.carset
     return json.dumps({
         "open": gen.number,
         "cars": [car.path for car in carset.cars],
         "dataset": carset.dataset.hex() if carset.dataset else None,
+        # the worker's tree must be the daemon's: the snapshot it chose, or the merged manifests
+        "snapshot": gen.tree.snapshot.id if gen.tree.snapshot is not None else LEGACY,
     }).encode()
 
 
@@ -121,8 +130,11 @@ class GenerationReaders:
         number = request["open"]
         if number in self.gens:
             return b""
+        from packerfs.unpack.snapshots import set_choice
+
         carset = CarSet.open(request["cars"], dataset=request["dataset"], index=self.store.session())
         try:
+            set_choice(carset, request.get("snapshot"))
             if [car.path for car in carset.cars] != request["cars"]:
                 raise PackerfsError(
                     f"generation {number}: the worker's CAR set differs from the daemon's "
@@ -198,8 +210,9 @@ def _strip(exc: Exception, path: bytes) -> str:
 class Reloader:
     """SIGHUP: open a new generation over the same index (in a thread) and install it."""
 
-    def __init__(self, view, cars, store, keyring, dataset, workers=None):
+    def __init__(self, view, cars, store, keyring, dataset, workers=None, snapshot=None):
         self.view = view
+        self.snapshot = snapshot  # kept at a reload when given (--snapshot); else the newest then
         self.workers = workers
         self.cars = cars
         self.store = store
@@ -230,7 +243,9 @@ class Reloader:
         dataset = view.gen.carset.dataset
         log.info("SIGHUP: re-reading %s", _show(self.cars))
         try:
-            gen = await trio.to_thread.run_sync(open_generation, number, self.cars, self.store, self.keyring, dataset)
+            gen = await trio.to_thread.run_sync(
+                open_generation, number, self.cars, self.store, self.keyring, dataset, self.snapshot
+            )
         except PackerfsError as exc:
             message = f"reload failed, still serving generation {view.gen.number}: {exc}"
             log.error("%s", message)
@@ -266,6 +281,7 @@ def serve_reverse(
     keyring,
     *,
     dataset=None,
+    snapshot=None,
     allow_other: bool = False,
     ready=lambda: None,
     log_path: str | None = None,
@@ -289,7 +305,7 @@ def serve_reverse(
     try:
         started = time.monotonic()
         store = CarIndexStore(state_dir)
-        gen = open_generation(1, cars, store, keyring, dataset)
+        gen = open_generation(1, cars, store, keyring, dataset, snapshot)
         check_key(gen)
         if workers is not None:
             workers.open_engines(message=open_message(gen))  # each opens generation 1 over the index
@@ -311,14 +327,14 @@ def serve_reverse(
             summary["index"]["blocks"], info["mount_seconds"], summary["files"], summary["incomplete_count"],
             summary["missing_bins"] or "none", len(summary["skipped_cars"]), PROCESSES if workers else 0, mountpoint,
         )
-        for problem in summary["skipped_cars"]:
+        for problem in summary["skipped_cars"] + summary["lost"] + summary["notes"]:
             log.warning("%s", problem)
         # Decrypting threads hold the GIL in short bursts; let the FUSE loop have it back sooner than every 5 ms.
         sys.setswitchinterval(0.001)
         serve_view(
             view, mountpoint, allow_other=allow_other, ready=ready,
             services=[view.cache.run, *([workers.run] if workers is not None else [])],
-            on_hangup=Reloader(view, cars, store, keyring, dataset, workers),
+            on_hangup=Reloader(view, cars, store, keyring, dataset, workers, snapshot),
         )
     finally:
         if workers is not None:

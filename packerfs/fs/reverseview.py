@@ -2,7 +2,8 @@
 
     MNT/…                  the tree the manifests describe: names, modes, mtimes, symlinks,
                            empty directories; file contents read by FileReader
-    MNT/.packerfs-status   JSON: CARs used, missing bins, incomplete files, errors (not listed
+    MNT/.packerfs-status   JSON: CARs used, the snapshot shown, missing (lost) and retired bins,
+                           incomplete files, errors (not listed
                            in MNT, so `diff -r` and `rsync -a` see only the tree; open it by name)
 
 No format logic lives here: a path maps to FileReader (packerfs.unpack), which
@@ -107,8 +108,14 @@ class Generation:
                     "missing_parts": list(entry.missing_parts),
                     "missing_bins": list(entry.missing_bins),
                 })
+        snapshot = tree.snapshot
         return {
-            "complete": not count and not tree.missing_bins and not carset.problems,
+            "complete": not count and not tree.missing_bins and not carset.problems and not tree.lost,
+            "snapshot": snapshot.id if snapshot is not None else None,
+            "snapshot_time_ns": snapshot.time_ns if snapshot is not None else None,
+            "retired_bins": list(tree.retired_bins),
+            "lost": list(tree.lost),
+            "notes": list(tree.notes),
             "dataset": carset.dataset.hex() if carset.dataset else None,
             "cipher": carset.cipher,
             "recipients": list(carset.recipients),

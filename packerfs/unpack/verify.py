@@ -2,9 +2,17 @@
 
 verify reads every byte of every usable CAR and checks each block against its
 CID, then checks the manifests against the CARs and each other, and (given
-manifest.csv) each CAR's size, root and piece CID against its row. Data
+manifest.csv) each CAR's size, root, piece CID and status against its row. Data
 problems never raise: each is one line, naming the file and, where there is
-one, the offset.
+one, the offset. It judges the set by the tree unpack would restore (the chosen
+snapshot's): damage is a problem (exit 1), a lost bin or incomplete file is
+missing (exit 3), a retired bin is a note.
+
+What verify checks that unpack does not: every block of every CAR (unpack reads
+only the blocks of the files it restores), the UnixFS directory trees (unpack
+reads parts by their manifest CIDs), the snapshot parts' names, and commP.
+What unpack checks that verify cannot without the key: decryption (age tags,
+the OpenPGP MDC) and an OpenPGP file's plaintext size.
 """
 
 from __future__ import annotations
@@ -14,56 +22,150 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from packerfs.errors import FormatError, PackerfsError
+from packerfs import manifest as manifest_format
+from packerfs import snapshot as snapshot_format
+from packerfs.errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, FormatError, IncompleteSet, PackerfsError, UsageError
 from packerfs.ipld.car import CarReader
 from packerfs.ipld.cid import DAG_PB, cid_codec, cid_to_str
 from packerfs.ipld.dagpb import SYMLINK as UNIXFS_SYMLINK
 from packerfs.ipld.dagpb import UnixFSData, decode_node
 from packerfs.unpack import dag
-from packerfs.unpack.carset import CarSet
+from packerfs.unpack.carset import CAR_NAME, CarSet
+from packerfs.unpack.snapshots import find_snapshots, iso_local
 from packerfs.unpack.tree import DIR, FILE, SYMLINK, Tree, path_problem, show
 
 
 @dataclass
 class VerifyReport:
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # damage or inconsistency: exit 1
+    missing: list[str] = field(default_factory=list)  # lost bins, incomplete files or snapshots: exit 3
+    notes: list[str] = field(default_factory=list)  # retired bins, warnings: not errors
     cars: int = 0
     blocks: int = 0
     bytes: int = 0
     file_versions: int = 0
     commp_checked: int = 0
+    snapshot: int | None = None  # the snapshot the set was checked against
+    retired_bins: list[int] = field(default_factory=list)
+    lost_bins: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.missing
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_ERROR if self.problems else EXIT_INCOMPLETE if self.missing else EXIT_OK
 
     def lines(self) -> list[str]:
+        against = f", snapshot {self.snapshot}" if self.snapshot is not None else ""
+        if self.ok:
+            verdict = "OK"
+        else:
+            counts = []
+            if self.problems:
+                counts.append(f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}")
+            if self.missing:
+                counts.append(f"{len(self.missing)} missing")
+            verdict = ", ".join(counts)
         head = (
             f"checked {self.cars} CARs, {self.blocks} blocks ({self.bytes} bytes), "
-            f"{self.file_versions} file versions, {self.commp_checked} piece CIDs: "
-            + ("OK" if self.ok else f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}")
+            f"{self.file_versions} file versions, {self.commp_checked} piece CIDs{against}: {verdict}"
         )
-        return [head, *self.problems]
+        return [head, *self.problems, *self.missing, *self.notes]
 
 
 def verify(
     carset: CarSet, manifest_csv: str | None = None, progress: Callable[[int], None] | None = None
 ) -> VerifyReport:
-    """Check everything; progress(n) is called with block bytes read (and again with bytes hashed for commP)."""
+    """Check everything; progress(n) is called with block bytes read (and again with bytes hashed for commP).
+
+    The tree is the one unpack restores (the chosen snapshot's, else the merged manifests): a bin
+    that snapshot needs and the set lacks is lost (report.missing, exit 3, its files listed by
+    path); a present bin it does not need is retired (a note); a file version it does not use may
+    be incomplete without that being an error. Every block of every present CAR is checked."""
     advance = progress or (lambda n: None)
     report = VerifyReport()
     report.problems += carset.problems
     for car in carset.cars:
         _check_blocks(car.path, report, advance)
-    tree = Tree.build(carset, strict=False)
+    try:
+        tree = Tree.build(carset, strict=False)
+    except (IncompleteSet, UsageError) as exc:  # --snapshot names one that cannot be used
+        report.missing.append(str(exc)) if isinstance(exc, IncompleteSet) else report.problems.append(str(exc))
+        return report
     report.problems += tree.problems
-    missing = set(tree.missing_bins)
-    for number in tree.missing_bins:
-        report.problems.append(f"bin {number} is missing from the set")
-    _check_manifests(carset, tree, missing, report)
+    report.missing += tree.lost
+    report.notes += tree.notes
+    _check_snapshots(carset, tree, report)
+    if tree.snapshot is not None:
+        report.snapshot = tree.snapshot.id
+        report.lost_bins = list(tree.missing_bins)
+        report.retired_bins = list(tree.retired_bins)
+        lost = _files_by_bin(tree)
+        for number in tree.missing_bins:
+            paths = lost.get(number, [])
+            report.missing.append(
+                f"bin {number} (bin-{number:06d}.car) is missing: snapshot {tree.snapshot.id} needs it "
+                f"({len(paths)} file{'s' if len(paths) != 1 else ''} with a part in it)"
+            )
+        if tree.retired_bins:
+            report.notes.append(
+                f"retired (present, not needed by snapshot {tree.snapshot.id}): bin "
+                + ", ".join(map(str, tree.retired_bins))
+            )
+        if tree.unused_versions:
+            report.notes.append(
+                f"{tree.unused_versions} file version{'s' if tree.unused_versions != 1 else ''} in the manifests "
+                f"{'are' if tree.unused_versions != 1 else 'is'} not used by snapshot {tree.snapshot.id} "
+                "(older versions or deleted files)"
+            )
+    else:
+        for number in tree.missing_bins:
+            report.missing.append(f"bin {number} is missing from the set")
+    _check_manifests(carset, tree, report)
+    _check_sizes(carset, tree, report)
     if manifest_csv is not None:
-        _check_csv(carset, manifest_csv, report, advance)
+        _check_csv(carset, tree, manifest_csv, report, advance)
     return report
+
+
+def _files_by_bin(tree: Tree) -> dict[int, list[bytes]]:
+    out: dict[int, list[bytes]] = {}
+    for path in sorted(tree.files):
+        entry = tree.entries[path]
+        for number in entry.missing_bins:
+            out.setdefault(number, []).append(path)
+    return out
+
+
+def _check_snapshots(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
+    """Every snapshot part a manifest names is linked from its CAR's `.packerfs` directory."""
+    for info in find_snapshots(carset):
+        report.problems += info.problems
+        if not info.complete and (tree.snapshot is None or info.id < tree.snapshot.id):
+            report.notes.append(f"snapshot {info.id} ({iso_local(info.time_ns)}) is incomplete: {info.describe_missing()}")
+        for part in info.found.values():
+            car = carset.by_bin.get(part.bin)
+            if car is None:
+                continue
+            name = snapshot_format.NAME + (_part_suffix(part.part, info.parts) if info.parts > 1 else b"")
+            try:
+                found = dag.resolve(carset, car.root, manifest_format.DIRNAME + b"/" + name)
+            except FormatError as exc:
+                report.problems.append(f"{exc} ({car.path}: snapshot {info.id} part {part.part})")
+                continue
+            if found != part.cid:
+                what = "is not in the CAR's directory tree" if found is None else f"links {cid_to_str(found)}"
+                report.problems.append(
+                    f"{car.path}: .packerfs/{name.decode()} {what}; the manifest says snapshot {info.id} "
+                    f"part {part.part} is {cid_to_str(part.cid)}"
+                )
+
+
+def _part_suffix(part: int, parts: int) -> bytes:
+    width = max(4, len(str(parts)))
+    return f".part{part:0{width}d}of{parts:0{width}d}".encode()
 
 
 def _check_blocks(path: str, report: VerifyReport, advance) -> None:
@@ -105,17 +207,28 @@ class _Checker:
         return dag.resolve(self.carset, root, name, self.load_dir)
 
 
-def _check_manifests(carset: CarSet, tree: Tree, missing: set[int], report: VerifyReport) -> None:
+def _check_manifests(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
     check = _Checker(carset)
-    # Every part: complete set, tiles the stream, DAG present with the right sizes.
-    for fv in tree.versions:
-        report.file_versions += 1
+    used = tree.used_versions
+    # Every file the tree restores is complete (else it is listed by path: exit 3).
+    for path in sorted(tree.files):
+        fv = tree.files[path]
         if not fv.complete:
             bins = ", ".join(str(b) for b in fv.missing_bins) or "unknown"
             parts = ", ".join(str(p) for p in fv.missing_parts)
-            report.problems.append(
+            report.missing.append(
                 f"{show(fv.path)} (version {fv.version}): part {parts} of {fv.parts} missing (bin {bins})"
             )
+    # Every part present: tiles the stream, DAG present with the right sizes.
+    for fv in tree.versions:
+        report.file_versions += 1
+        if not fv.complete:
+            if tree.snapshot is None and fv.version not in used:
+                bins = ", ".join(str(b) for b in fv.missing_bins) or "unknown"
+                parts = ", ".join(str(p) for p in fv.missing_parts)
+                report.missing.append(
+                    f"{show(fv.path)} (version {fv.version}): part {parts} of {fv.parts} missing (bin {bins})"
+                )
         elif sum(r.length for r in fv.refs.values()) != fv.stream:
             report.problems.append(f"{show(fv.path)} (version {fv.version}): part lengths do not add up to the stream size {fv.stream}")
         for ref in fv.ordered():
@@ -152,7 +265,13 @@ def _check_manifests(carset: CarSet, tree: Tree, missing: set[int], report: Veri
                 report.problems.append(f"{exc} ({where})")
                 continue
             if found is None:
-                report.problems.append(f"{where}: {show(name)} is not in the CAR's directory tree")
+                if kind == DIR:
+                    # unpack restores directories from the snapshot (or the manifests), never from the
+                    # UnixFS tree: not an error, but stock tools (ipfs-car unpack) will not create it
+                    report.notes.append(f"{where}: directory {show(name)} is not in the CAR's UnixFS tree "
+                                        "(unpack creates it; ipfs-car unpack would not)")
+                else:
+                    report.problems.append(f"{where}: {show(name)} is not in the CAR's directory tree")
             elif kind == DIR:
                 try:
                     check.load_dir(found)
@@ -187,7 +306,59 @@ def _check_symlink(carset: CarSet, e: dict, where: str, report: VerifyReport) ->
         report.problems.append(str(FormatError(f"symlink block: {exc} ({where})", path=path, offset=offset)))
 
 
-def _check_csv(carset: CarSet, manifest_csv: str, report: VerifyReport, advance) -> None:
+class _PartsStream:
+    """RandomAccess over a complete file version's stored stream (no key needed: age headers are plain)."""
+
+    def __init__(self, carset: CarSet, fv):
+        self.files = dag.FileDag(carset)
+        self.refs = fv.ordered()
+        self.size = fv.stream
+
+    def read(self, offset: int, size: int) -> bytes:
+        out = []
+        end = min(offset + size, self.size)
+        for ref in self.refs:
+            lo, hi = max(offset, ref.offset), min(end, ref.offset + ref.length)
+            if lo < hi:
+                out.append(self.files.read(ref.cid, ref.length, lo - ref.offset, hi - ref.offset))
+        return b"".join(out)
+
+
+def _check_sizes(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
+    """The plaintext size the manifests give each restored file agrees with its stream, as unpack
+    will find it. Plain: equal (checked by the tree). age: header + nonce + chunks, readable
+    without a key. OpenPGP: only decryption tells (unpack checks it)."""
+    if carset.cipher != "age":
+        return
+    from packerfs.crypt import age
+
+    for path in sorted(tree.files):
+        fv = tree.files[path]
+        if not fv.complete:
+            continue
+        first = fv.ordered()[0]
+        try:
+            header = age.read_header(_PartsStream(carset, fv))
+        except FormatError as exc:
+            report.problems.append(f"{first.car}: {show(fv.path)}: {exc}")
+            continue
+        expected = age.stream_size_for(header.size, fv.size)
+        if expected != fv.stream:
+            payload = fv.stream - header.size - age.NONCE_SIZE
+            chunks = max(1, -(-payload // age.ENC_CHUNK_SIZE)) if payload > 0 else 1
+            holds = payload - age.TAG_SIZE * chunks
+            report.problems.append(
+                f"{first.car}: {show(fv.path)}: the manifest says {fv.size} plaintext bytes, but its age stream "
+                f"of {fv.stream} bytes holds {holds} (unpack would refuse it)"
+            )
+
+
+def _bin_of_name(name: str) -> int | None:
+    m = CAR_NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyReport, advance) -> None:
     from packerfs.piece import commp_file
 
     try:
@@ -202,14 +373,40 @@ def _check_csv(carset: CarSet, manifest_csv: str, report: VerifyReport, advance)
         return
     cars = {os.path.basename(car.path): car for car in carset.cars}
     seen = set()
+    # `status` (current | retired) says what the pack's newest snapshot needs; the older `stale`
+    # column (true | false) is accepted as it is. Statuses are compared when the tree is that snapshot.
+    newest = find_snapshots(carset)[-1].id if find_snapshots(carset) else None
+    judge = tree.snapshot is not None and tree.snapshot.id == newest and not tree.lost
+    needed = set(tree.needed_bins)
     for line, row in enumerate(rows, start=2):
         row = {k: (v or "").strip() for k, v in row.items() if k is not None}
         name = row.get("car_file", "")
         where = f"{manifest_csv} line {line}"
+        status = row.get("status", "").lower()
+        if status not in ("", "current", "retired"):
+            report.problems.append(f"{where}: status {row.get('status')!r} is neither current nor retired")
+        retired = status == "retired" or row.get("stale", "").lower() == "true"
+        number = _bin_of_name(name)
         car = cars.get(name)
         if car is None:
-            report.problems.append(f"{where}: {name} is not among the usable CARs")
+            if retired:
+                report.notes.append(f"{where}: {name} is retired and not in the set")
+            elif tree.snapshot is not None and number is not None and number not in needed:
+                report.notes.append(f"{where}: {name} is not in the set, and snapshot {tree.snapshot.id} does not need it")
+            elif tree.snapshot is not None and number in tree.missing_bins:
+                pass  # reported as a lost bin
+            else:
+                report.problems.append(f"{where}: {name} is not among the usable CARs")
             continue
+        if judge and status:
+            if status == "retired" and car.bin in needed:
+                report.problems.append(
+                    f"{where}: {name} is marked retired, but snapshot {tree.snapshot.id} needs bin {car.bin}"
+                )
+            elif status == "current" and car.bin not in needed:
+                report.problems.append(
+                    f"{where}: {name} is marked current, but snapshot {tree.snapshot.id} does not need bin {car.bin}"
+                )
         seen.add(name)
         size = os.path.getsize(car.path)
         if str(size) != row["car_size"]:
@@ -229,7 +426,12 @@ def _check_csv(carset: CarSet, manifest_csv: str, report: VerifyReport, advance)
         if str(info.piece_size) != row["piece_size"]:
             report.problems.append(f"{car.path}: piece size is {info.piece_size}, {where} says {row['piece_size']}")
     for name, car in cars.items():
-        if name not in seen:
+        if name in seen:
+            continue
+        if tree.snapshot is not None and car.bin not in needed:
+            # a retired CAR kept from an earlier copy: the newer manifest.csv lists only what is current
+            report.notes.append(f"{car.path}: retired, and not listed in {manifest_csv}")
+        else:
             report.problems.append(f"{car.path}: has no row in {manifest_csv}")
 
 
@@ -249,3 +451,52 @@ def ls(carset: CarSet) -> list[LsRow]:
         LsRow(e.path, e.kind, e.size, e.parts, e.bins, e.complete, e.target)
         for e in carset.tree()
     ]
+
+
+def set_lines(carset: CarSet, tree: Tree) -> tuple[list[str], list[str]]:
+    """(incomplete, notes) for ls and unpack: unusable CARs, lost snapshots and bins (with the
+    files they hold, by path) make the result incomplete (exit 3); retired bins and warnings are notes."""
+    incomplete = list(carset.problems) + list(tree.lost)
+    notes = list(tree.notes)
+    if tree.snapshot is not None:
+        lost = _files_by_bin(tree)
+        if tree.missing_bins:
+            incomplete.append(
+                "missing bins: " + ", ".join(map(str, tree.missing_bins)) + f" (needed by snapshot {tree.snapshot.id})"
+            )
+        for number in tree.missing_bins:
+            paths = lost.get(number, [])
+            listed = ", ".join(escape_name(p) for p in paths[:20]) + (f" and {len(paths) - 20} more" if len(paths) > 20 else "")
+            incomplete.append(
+                f"bin {number} is missing: snapshot {tree.snapshot.id} needs it for {len(paths)} "
+                f"file{'s' if len(paths) != 1 else ''}" + (f": {listed}" if paths else "")
+            )
+        if tree.retired_bins:
+            notes.append(
+                f"retired (present, not needed by snapshot {tree.snapshot.id}): bin " + ", ".join(map(str, tree.retired_bins))
+            )
+    elif tree.missing_bins:
+        incomplete.append("missing bins: " + ", ".join(map(str, tree.missing_bins)))
+    return incomplete, notes
+
+
+_BIDI = {0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def escape_name(path: bytes) -> str:
+    """A name for a terminal: UTF-8 shown as is, except control characters (C0, DEL, C1), line and
+    bidi controls and backslash, which are escaped like Python's (\\n, \\x1b, \\u202e); bytes that
+    are not UTF-8 are shown as \\xNN. No byte of an untrusted name reaches the terminal raw."""
+    text = path.decode("utf-8", "surrogateescape")
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif code < 0x20 or 0x7F <= code <= 0x9F or code in _BIDI:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
