@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from packerfs import cli
+from packerfs.commands import run
 
 USAGE = """\
 NAME
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help or not (args.pack or args.unpack):
         print(USAGE, end="")
         return 0 if args.help else 2
-    return cli.main(translate(args))
+    return run(translate(args))
 
 
 if __name__ == "__main__":

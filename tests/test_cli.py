@@ -166,7 +166,9 @@ def test_status_json(tmp_path, age_pack):
 def test_demo_runs_the_main_job(tmp_path):
     result = packerfs("demo", "--dir", tmp_path / "demo")
     text = result.stdout.decode()
-    assert "$ packerfs pack" in text and "$ packerfs unpack" in text and "matches the original" in text
+    assert "$ packerfs pack" in text and "$ packerfs unpack" in text and "$ packerfs snapshots" in text
+    # the first pack's tree, then the tree after a deletion and an edit: both restored exactly
+    assert text.count("restored tree matches the source") == 2 and "DIFFERS" not in text
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from typing import Callable, Collection, Iterator
 from packerfs import manifest, snapshot
 from packerfs.crypt.base import Cipher
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
-from packerfs.index.store import DIGEST, DIGESTS_PER_CHUNK, Index, path_key
+from packerfs.index.store import DIGEST, DIGESTS_PER_CHUNK, Index
 from packerfs.ipld.cid import RAW, cid_from_digest
 from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
 from packerfs.plan import costs

@@ -26,8 +26,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import threading
-from typing import Callable, Iterator
+from typing import Iterator
 
 from packerfs.cache import LRU
 from packerfs.crypt import KeyRing, iter_plaintext, open_plaintext

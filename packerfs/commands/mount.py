@@ -1,4 +1,4 @@
-"""`packerfs mount` and `packerfs umount`."""
+"""`packerfs mount` (the pack view, or --reverse) and `packerfs umount`."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from packerfs.errors import PackerfsError, UsageError
 STATUS_FILE = ".packerfs-status"
 
 
-def register_mount_commands(commands) -> None:
-    from packerfs.cli import EPILOG, add_pack_options
+def register(commands) -> None:
+    from packerfs.commands.options import EPILOG, add_pack_options
 
     p = commands.add_parser(
         "mount",
@@ -67,7 +67,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return cmd_mount_reverse(args)
     if args.identity or args.dataset or args.snapshot:
         raise UsageError("--identity, --dataset and --snapshot go with --reverse (mounting CARs as the original tree)")
-    from packerfs.cli import open_engine
+    from packerfs.commands.options import open_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach, serve
     from packerfs.pack import default_state_dir
     from packerfs.source import excluded_paths

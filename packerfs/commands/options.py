@@ -1,0 +1,96 @@
+"""Options and argument readers that several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+exit codes: 0 success, 1 failure (nothing left half-written), 2 usage error,
+3 finished but incomplete (missing or damaged inputs are listed)."""
+
+
+def cipher_from_args(args: argparse.Namespace):
+    from packerfs.crypt import make_cipher
+
+    return make_cipher(
+        recipients=args.recipient or (),
+        recipients_files=args.recipients_file or (),
+        gpg_recipients=args.gpg_recipient or (),
+        gpg_homedir=args.gpg_homedir,
+        no_encryption=args.no_encryption,
+    )
+
+
+def bin_size_from_args(args: argparse.Namespace) -> int:
+    from packerfs.errors import UsageError
+    from packerfs.plan.sizes import DEFAULT_BIN_SIZE, check_bin_size, parse_size
+
+    if not args.bin_size:
+        return check_bin_size(DEFAULT_BIN_SIZE)
+    text = args.bin_size
+    # No bin size we accept needs more than a few dozen characters; a longer one would make
+    # int() exceed Python's digit limit (a ValueError) or print a huge message.
+    shown = text if len(text) <= 40 else text[:40] + f"… ({len(text)} characters)"
+    if len(text) > 100:
+        raise UsageError(f"--bin-size {shown!r}: too long for a size; use e.g. 8MiB, 1GB, 31.5GiB")
+    try:
+        size = parse_size(text)
+    except ValueError:
+        raise UsageError(f"--bin-size {shown!r}: cannot read it as a size; use e.g. 8MiB, 1GB, 31.5GiB") from None
+    return check_bin_size(size)
+
+
+def open_engine(args: argparse.Namespace):
+    from packerfs.pack import Engine
+
+    return Engine.open(args.source, args.temp, cipher_from_args(args), bin_size_from_args(args))
+
+
+def add_pack_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bin-size",
+        metavar="SIZE",
+        help="hard ceiling on each CAR file's length, e.g. 32GiB, 31.5GiB, 8MiB, 1GB; "
+        "default 34091302912 (the payload of a 32 GiB sector); at most 68182605824 (64 GiB sector)",
+    )
+    p.add_argument(
+        "-r", "--recipient", action="append", metavar="R",
+        help="encrypt with age to R: an age1… key, an ssh-rsa/ssh-ed25519 public key, or a file of them "
+        "(repeatable); `packerfs keygen` makes one",
+    )
+    p.add_argument("-R", "--recipients-file", action="append", metavar="FILE", help="age recipients file, as `age -R`")
+    p.add_argument(
+        "--gpg-recipient", action="append", metavar="ID",
+        help="encrypt with OpenPGP to key ID in the gpg keyring (repeatable); `gpg -d` decrypts",
+    )
+    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home directory (default: gpg's own)")
+    p.add_argument("--no-encryption", action="store_true", help="store files unencrypted")
+    p.add_argument(
+        "-t", "--temp", metavar="STATE",
+        help="state directory (index and dataset key); default under ~/.cache/packerfs, keyed by SRC. "
+        "Reusing it makes a later run resume or add only what changed.",
+    )
+    p.add_argument(
+        "--repack-below", metavar="FRACTION", type=fraction,
+        help="move the live files of current bins whose live share of their data is below FRACTION (0..1) "
+        "into new bins, so that those bins retire (compare restic prune); 1 also moves everything out of "
+        "bins that can no longer be generated. Default: never repack",
+    )
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
+def add_carset_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+    p.add_argument(
+        "--snapshot", metavar="ID",
+        help="restore the tree of snapshot ID (`packerfs snapshots` lists them); default: the newest complete one",
+    )
