@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,23 @@ def ssh_rsa_key(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ssh-rsa") / "id_rsa"
     run_tool("ssh-keygen", "-q", "-t", "rsa", "-b", "4096", "-N", "", "-C", "test@packerfs", "-f", path, check=True)
     return path
+
+
+def within(seconds: float, fn, *args):
+    """Run fn(*args) in a daemon thread: its result, or TimeoutError if it hangs (a mount that does not answer)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

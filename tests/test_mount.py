@@ -21,14 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import PACKERFS, ROOT, packerfs, run_tool, write_random
+from conftest import PACKERFS, ROOT, packerfs, run_tool, within, write_random
 from packerfs.crypt import write_age_identity
 from packerfs.piece import commp_file
 
@@ -48,26 +47,6 @@ def _fuse_available():
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def within(seconds: float, fn, *args):
-    """Run fn(*args) in a daemon thread; its result, or TimeoutError if the mount does not answer."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {seconds} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def mounted_at(mnt: Path) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, packerfs, write_random
+from conftest import ROOT, packerfs, within, write_random
 from packerfs.crypt import make_cipher
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
 from packerfs.pack import Engine
@@ -29,24 +29,6 @@ MARKER = b"OUTSIDE-THE-SOURCE-7f3c9b1e"  # only ever written outside SRC
 TIMEOUT = 60
 
 
-def within(seconds: float, fn, *args):
-    """fn(*args) in a daemon thread: its result, or TimeoutError if it hangs."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {seconds} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def run_python(code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:

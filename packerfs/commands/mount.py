@@ -68,7 +68,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.identity or args.dataset or args.snapshot:
         raise UsageError("--identity, --dataset and --snapshot go with --reverse (mounting CARs as the original tree)")
     from packerfs.commands.options import open_engine
-    from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach, serve
+    from packerfs.fs.daemon import LOG_NAME, check_mountpoint, serve
     from packerfs.pack import default_state_dir
     from packerfs.source import excluded_paths
 
@@ -98,17 +98,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
             log_path=None if args.foreground else log_path,
         )
 
-    if args.foreground:
-        configure_logging(sys.stderr)
-        return job(lambda: None)
-    pid = detach(job, log_path)
-    print(f"packerfs: serving {os.path.realpath(args.source)} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
-    return 0
+    return _start(job, args.foreground, log_path, f"{os.path.realpath(args.source)} at {mountpoint}")
 
 
 def cmd_mount_reverse(args: argparse.Namespace) -> int:
     from packerfs.crypt import KeyRing
-    from packerfs.fs.daemon import LOG_NAME, check_mountpoint, configure_logging, detach
+    from packerfs.fs.daemon import LOG_NAME, check_mountpoint
     from packerfs.fs.reverse import default_reverse_state_dir, serve_reverse
 
     pack_only = [
@@ -144,11 +139,18 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
             log_path=None if args.foreground else log_path,
         )
 
-    if args.foreground:
+    return _start(job, args.foreground, log_path, f"the tree in {cars} at {mountpoint}")
+
+
+def _start(job, foreground: bool, log_path: str, what: str) -> int:
+    """Serve in this process (--foreground, logging to stderr) or in a detached daemon logging to log_path."""
+    from packerfs.fs.daemon import configure_logging, detach
+
+    if foreground:
         configure_logging(sys.stderr)
         return job(lambda: None)
     pid = detach(job, log_path)
-    print(f"packerfs: serving the tree in {cars} at {mountpoint} (pid {pid}, log {log_path})", file=sys.stderr)
+    print(f"packerfs: serving {what} (pid {pid}, log {log_path})", file=sys.stderr)
     return 0
 
 

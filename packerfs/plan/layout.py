@@ -93,22 +93,13 @@ class Budget:
 
     def max_meta_bytes(self, name: bytes, length: int, manifest_extra: int) -> int:
         """Most bytes (whole leaves, or all `length`) of a `.packerfs/` file that still fit; 0 if none."""
-        lo, hi = 0, costs.leaf_count(length)
-
         def fits(leaves: int) -> bool:
             return self.meta_file_cost(name, min(leaves * CHUNK_SIZE, length), manifest_extra) <= self.available()
 
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return min(lo * CHUNK_SIZE, length)
+        return min(_most(costs.leaf_count(length), fits) * CHUNK_SIZE, length)
 
     def max_leaves(self, link_name_bound: int, manifest_entry: int, stream_left: int) -> int:
         """Most leaves of a part (of at most `stream_left` stream bytes) that still fit."""
-        lo, hi = 0, costs.leaf_count(stream_left)
 
         def fits(leaves: int) -> bool:
             part = min(leaves * CHUNK_SIZE, stream_left)
@@ -116,13 +107,19 @@ class Budget:
 
         if stream_left == 0:
             return 1 if fits(1) else 0
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return _most(costs.leaf_count(stream_left), fits)
+
+
+def _most(limit: int, fits) -> int:
+    """The largest n in 0..limit with fits(n), for a fits() that holds up to some n and fails after."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class BinLayout:
