@@ -1,5 +1,15 @@
 """age-encryption.org/v1 streams: seekable encryption, and random-access decryption.
 
+This module is the payload stream (STREAM ChaCha20-Poly1305 chunks: AgeEncryptor,
+the random-access AgeStream and AgePlaintext, resume_at) and the AgeCipher that ties
+the other age modules together; it re-exports their public names, so callers import
+everything from here:
+
+    age_recipients   parsing recipients, wrapping the file key into stanzas
+    age_identities   loading identities and private keys, unwrapping stanzas
+    age_header       the header: stanzas, encode, parse, MAC
+    age_primitives   base64, HKDF, X25519, stanza AEAD, SSH wire format, key-file reads
+
 Written from the age specification (c2sp.org/age) and the documented ssh-rsa /
 ssh-ed25519 recipient types of the reference implementation; the primitives
 come from the `cryptography` package.
@@ -40,7 +50,7 @@ or resumed: everything random in it and in the payload comes from the seed,
       ssh-ed25519: the ephemeral scalar
       ssh-rsa:     the OAEP seed (RSAES-OAEP, SHA-256, MGF1-SHA-256, label
                    "age-encryption.org/v1/ssh-rsa"; encoded here, see
-                   rsa_oaep_sha256_encrypt(), since `cryptography` draws its own)
+                   rsa_oaep_sha256_encrypt() in age_recipients, since `cryptography` draws its own)
 
 followed by the header MAC as the spec defines it. The same seed and the same
 recipients, in the same order, give the same header, byte for byte. Params are
@@ -72,25 +82,36 @@ STREAM chunk that holds it: nothing before that chunk is read or encrypted.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import os
-import re
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from packerfs.crypt import bech32
 from packerfs.crypt import secrets as _secrets
+from packerfs.crypt.age_header import FILE_KEY_SIZE, Header, _header_mac, build_header, read_header
+from packerfs.crypt.age_identities import (
+    Identity,
+    SshEd25519Identity,
+    SshRsaIdentity,
+    X25519Identity,
+    load_identity_file,
+    parse_identities,
+)
+from packerfs.crypt.age_primitives import _hkdf
+from packerfs.crypt.age_recipients import (
+    Recipient,
+    SshEd25519Recipient,
+    SshRsaRecipient,
+    X25519Recipient,
+    parse_recipient,
+    parse_recipients_text,
+    read_recipients_file,
+    rsa_oaep_sha256_encrypt,
+)
 from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
 from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
 from packerfs.ipld.cid import decode_uvarint, encode_uvarint
@@ -120,20 +141,11 @@ __all__ = [
     "Params",
 ]
 
-INTRO = b"age-encryption.org/v1\n"
+
 CHUNK_SIZE = 64 * 1024
 TAG_SIZE = 16
 ENC_CHUNK_SIZE = CHUNK_SIZE + TAG_SIZE
 NONCE_SIZE = 16
-FILE_KEY_SIZE = 16
-MIN_RSA_BITS = 2048
-MAX_RSA_BITS = 16384
-MAX_HEADER_SIZE = 16 * 1024 * 1024
-
-_X25519_INFO = b"age-encryption.org/v1/X25519"
-_ED25519_INFO = b"age-encryption.org/v1/ssh-ed25519"
-_RSA_LABEL = b"age-encryption.org/v1/ssh-rsa"
-_ZERO_NONCE = bytes(12)
 SEED_SIZE = 32
 FINGERPRINT_SIZE = 8
 _PARAMS_VERSION = 3
@@ -141,69 +153,13 @@ _PARAMS_CONTEXT = b"packerfs/age/params/v3\x00"
 _DERIVE_INFO = b"packerfs/age/v3 "
 _RECIPIENTS_DOMAIN = b"packerfs/age/recipients/v1\x00"
 _WRAPPED_SIZE = _secrets.wrapped_size(SEED_SIZE)
-_B64_RE = re.compile(rb"[A-Za-z0-9+/]*")
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def _b64decode(text: str | bytes) -> bytes:
-    """Strict unpadded canonical base64 (the age spec requires rejecting anything else)."""
-    if isinstance(text, str):
-        try:
-            text = text.encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError("not base64") from None
-    if not _B64_RE.fullmatch(text) or len(text) % 4 == 1:
-        raise ValueError("not unpadded base64")
-    try:
-        raw = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
-    except binascii.Error:
-        raise ValueError("not base64") from None
-    if base64.b64encode(raw).rstrip(b"=") != text:
-        raise ValueError("non-canonical base64")
-    return raw
-
-
-def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
-
-
-def _x25519(scalar: bytes, point: bytes) -> bytes:
-    """RFC 7748 X25519; ValueError if the result is all zeros (low-order input)."""
-    return X25519PrivateKey.from_private_bytes(scalar).exchange(X25519PublicKey.from_public_bytes(point))
-
-
-def _ephemeral(scalar: bytes, peer: X25519PublicKey) -> tuple[bytes, bytes]:
-    """-> (share = X25519(scalar, basepoint), shared secret = X25519(scalar, peer)); ValueError if all zeros.
-
-    One key object for both: loading the scalar computes its public share with
-    the fixed-base method, half the cost of a second variable-base X25519."""
-    eph = X25519PrivateKey.from_private_bytes(scalar)
-    return eph.public_key().public_bytes_raw(), eph.exchange(peer)
-
-
-def _aead_seal(key: bytes, plaintext: bytes) -> bytes:
-    return ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, plaintext, None)
-
-
-def _aead_open(key: bytes, ciphertext: bytes) -> bytes | None:
-    try:
-        return ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, ciphertext, None)
-    except InvalidTag:
-        return None
-
-
 def payload_key(file_key: bytes, nonce: bytes) -> bytes:
     return _hkdf(file_key, nonce, b"payload")
-
-
-def _header_mac(file_key: bytes, mac_input: bytes) -> bytes:
-    return hmac.new(_hkdf(file_key, b"", b"header"), mac_input, hashlib.sha256).digest()
 
 
 def payload_chunks(plain_size: int) -> int:
@@ -215,551 +171,7 @@ def _chunk_nonce(index: int, last: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-# SSH wire format ------------------------------------------------------------
-
-
-def _ssh_string(data: bytes, pos: int) -> tuple[bytes, int]:
-    if pos + 4 > len(data):
-        raise ValueError("truncated SSH key")
-    n = int.from_bytes(data[pos : pos + 4], "big")
-    pos += 4
-    if pos + n > len(data):
-        raise ValueError("truncated SSH key")
-    return data[pos : pos + n], pos + n
-
-
-def _ssh_fingerprint(wire: bytes) -> str:
-    """OpenSSH's fingerprint, as `ssh-keygen -l` prints it."""
-    return "SHA256:" + _b64encode(hashlib.sha256(wire).digest())
-
-
-def _ssh_tag(wire: bytes) -> str:
-    """The age stanza tag: base64 of the first 4 bytes of SHA-256 of the SSH key."""
-    return _b64encode(hashlib.sha256(wire).digest()[:4])
-
-
-def _ssh_public_wire(public_key) -> bytes:
-    line = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return base64.b64decode(line.split()[1])
-
-
-_P = 2**255 - 19
-_D = (-121665 * pow(121666, _P - 2, _P)) % _P
-
-
-def _ed25519_to_x25519_public(pub: bytes) -> bytes:
-    """Birational map of an Ed25519 public key to its Montgomery u-coordinate, u = (1+y)/(1-y)."""
-    if len(pub) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
-    y = int.from_bytes(pub, "little") & ((1 << 255) - 1)
-    if y >= _P or y == 1:
-        raise ValueError("invalid Ed25519 public key")
-    y2 = y * y % _P
-    x2 = (y2 - 1) * pow((_D * y2 + 1) % _P, _P - 2, _P) % _P
-    if x2 and pow(x2, (_P - 1) // 2, _P) != 1:
-        raise ValueError("Ed25519 public key is not a point on the curve")
-    u = (1 + y) * pow((1 - y) % _P, _P - 2, _P) % _P
-    return u.to_bytes(32, "little")
-
-
-# RSAES-OAEP -----------------------------------------------------------------
-
-
-def _mgf1_sha256(seed: bytes, length: int) -> bytes:
-    """MGF1 with SHA-256 (RFC 8017 B.2.1)."""
-    out = b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(-(-length // 32)))
-    return out[:length]
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
-
-
-def rsa_oaep_sha256_encrypt(n: int, e: int, message: bytes, label: bytes, seed: bytes) -> bytes:
-    """RSAES-OAEP-ENCRYPT (RFC 8017 7.1.1) with SHA-256 and MGF1-SHA-256, using the caller's OAEP seed.
-
-    `seed` is the hLen = 32 random octets that EME-OAEP encoding draws; given
-    it, the ciphertext is a pure function of the inputs. The RSA public
-    operation is pow(m, e, n) (no secret is involved, so timing does not
-    matter). Returns the k-octet ciphertext, k = the modulus length in octets.
-    """
-    h = 32
-    k = (n.bit_length() + 7) // 8
-    if len(seed) != h:
-        raise ValueError("the OAEP seed must be 32 octets")
-    if len(message) > k - 2 * h - 2:
-        raise ValueError("message too long for this RSA key")
-    db = hashlib.sha256(label).digest() + bytes(k - len(message) - 2 * h - 2) + b"\x01" + message
-    masked_db = _xor(db, _mgf1_sha256(seed, k - h - 1))
-    masked_seed = _xor(seed, _mgf1_sha256(masked_db, h))
-    m = int.from_bytes(masked_seed + masked_db, "big")  # EM = 0x00 || maskedSeed || maskedDB; m < n
-    return pow(m, e, n).to_bytes(k, "big")
-
-
-# --------------------------------------------------------------------------- stanzas
-
-
-@dataclass
-class Stanza:
-    args: list[str]  # args[0] is the stanza type
-    body: bytes
-    offset: int = 0  # where its "->" line starts in the header (for errors)
-
-    @property
-    def type(self) -> str:
-        return self.args[0]
-
-    def encode(self) -> bytes:
-        text = _b64encode(self.body)
-        lines = [text[i : i + 64] for i in range(0, len(text), 64)]
-        if not lines or len(lines[-1]) == 64:
-            lines.append("")
-        return ("-> " + " ".join(self.args) + "\n" + "".join(line + "\n" for line in lines)).encode("ascii")
-
-
-class Recipient(ABC):
-    """Something the file key can be wrapped to."""
-
-    type: str
-
-    @abstractmethod
-    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
-        """The stanza for `file_key`; `rand` (32 uniformly random octets) is all the randomness it uses."""
-
-    @property
-    @abstractmethod
-    def key_bytes(self) -> bytes:
-        """The public key as packerfs fingerprints it (see AgeCipher.fingerprint)."""
-
-    @property
-    @abstractmethod
-    def fingerprint(self) -> str:
-        """Stable public name of this recipient (for the manifest)."""
-
-
-class X25519Recipient(Recipient):
-    type = "X25519"
-
-    def __init__(self, public_key: bytes):
-        if len(public_key) != 32:
-            raise ValueError("an X25519 recipient is 32 bytes")
-        self.public_key = public_key
-        self._peer = X25519PublicKey.from_public_bytes(public_key)
-
-    @classmethod
-    def from_string(cls, s: str) -> "X25519Recipient":
-        hrp, data = bech32.decode(s)
-        if hrp != "age" or len(data) != 32:
-            raise ValueError("not an age1… recipient")
-        return cls(data)
-
-    @property
-    def fingerprint(self) -> str:
-        return bech32.encode("age", self.public_key)
-
-    @property
-    def key_bytes(self) -> bytes:
-        return self.public_key
-
-    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
-        share, shared = _ephemeral(rand, self._peer)  # any 32 octets are a scalar (X25519 clamps)
-        key = _hkdf(shared, share + self.public_key, _X25519_INFO)
-        return Stanza(["X25519", _b64encode(share)], _aead_seal(key, file_key))
-
-
-class SshRsaRecipient(Recipient):
-    type = "ssh-rsa"
-
-    def __init__(self, wire: bytes):
-        kind, pos = _ssh_string(wire, 0)
-        e_raw, pos = _ssh_string(wire, pos)
-        n_raw, pos = _ssh_string(wire, pos)
-        if kind != b"ssh-rsa" or pos != len(wire):
-            raise ValueError("malformed ssh-rsa key")
-        e, n = int.from_bytes(e_raw, "big"), int.from_bytes(n_raw, "big")
-        if not (MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS):
-            raise ValueError(
-                f"RSA key of {n.bit_length()} bits; use at least {MIN_RSA_BITS} bits (4096 recommended)"
-            )
-        if e < 3 or e % 2 == 0:
-            raise ValueError("malformed ssh-rsa key (bad exponent)")
-        rsa.RSAPublicNumbers(e, n).public_key()  # cryptography's own sanity checks (ValueError)
-        self.wire = wire
-        self.e, self.n = e, n
-
-    @property
-    def fingerprint(self) -> str:
-        return "ssh-rsa " + _ssh_fingerprint(self.wire)
-
-    @property
-    def key_bytes(self) -> bytes:
-        return self.wire
-
-    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
-        body = rsa_oaep_sha256_encrypt(self.n, self.e, file_key, _RSA_LABEL, rand)
-        return Stanza(["ssh-rsa", _ssh_tag(self.wire)], body)
-
-
-class SshEd25519Recipient(Recipient):
-    type = "ssh-ed25519"
-
-    def __init__(self, wire: bytes):
-        kind, pos = _ssh_string(wire, 0)
-        pub, pos = _ssh_string(wire, pos)
-        if kind != b"ssh-ed25519" or pos != len(wire):
-            raise ValueError("malformed ssh-ed25519 key")
-        self.wire = wire
-        self.x25519_public = _ed25519_to_x25519_public(pub)
-        self._peer = X25519PublicKey.from_public_bytes(self.x25519_public)
-        self._tweak = _hkdf(b"", self.wire, _ED25519_INFO)
-        try:
-            _x25519(os.urandom(32), self.x25519_public)
-        except ValueError:
-            raise ValueError("ssh-ed25519 key is a low-order point") from None
-
-    @property
-    def fingerprint(self) -> str:
-        return "ssh-ed25519 " + _ssh_fingerprint(self.wire)
-
-    @property
-    def key_bytes(self) -> bytes:
-        return self.wire
-
-    def wrap(self, file_key: bytes, rand: bytes) -> Stanza:
-        share, shared = _ephemeral(rand, self._peer)
-        shared = _x25519(self._tweak, shared)
-        key = _hkdf(shared, share + self.x25519_public, _ED25519_INFO)
-        return Stanza(["ssh-ed25519", _ssh_tag(self.wire), _b64encode(share)], _aead_seal(key, file_key))
-
-
-_SSH_TYPES = {"ssh-rsa": SshRsaRecipient, "ssh-ed25519": SshEd25519Recipient}
-
-
-def _short(s: str, limit: int = 60) -> str:
-    s = s.strip()
-    return repr(s if len(s) <= limit else s[: limit - 1] + "…")
-
-
-def parse_recipient(text: str, where: str | None = None) -> Recipient:
-    """One recipient: ``age1…``, or an SSH public key line (authorized_keys options allowed).
-
-    Raises UsageError naming `where` (e.g. "keys.txt line 3") when the text is not usable.
-    """
-    s = text.strip()
-    prefix = f"{where}: " if where else ""
-    if s.startswith("age1"):
-        try:
-            hrp, _ = bech32.decode(s)
-        except ValueError as e:
-            raise UsageError(f"{prefix}{_short(s)} is not a valid age recipient ({e}).") from None
-        if hrp != "age":
-            raise UsageError(
-                f"{prefix}{_short(s)} is an age plugin or post-quantum recipient; packerfs supports "
-                "X25519 (age1…), ssh-rsa and ssh-ed25519 recipients."
-            )
-        try:
-            return X25519Recipient.from_string(s)
-        except ValueError as e:
-            raise UsageError(f"{prefix}{_short(s)} is not a valid age recipient ({e}).") from None
-    tokens = s.split()
-    for i, tok in enumerate(tokens[:-1]):
-        if tok.startswith(("ssh-", "ecdsa-", "sk-")):
-            try:
-                wire = _b64decode(tokens[i + 1].rstrip("="))
-                kind, _ = _ssh_string(wire, 0)
-            except ValueError:
-                continue
-            if kind.decode("ascii", "replace") != tok:
-                raise UsageError(f"{prefix}{_short(s)}: the key data does not match its type {tok}.")
-            cls = _SSH_TYPES.get(tok)
-            if cls is None:
-                raise UsageError(
-                    f"{prefix}SSH keys of type {tok} cannot be age recipients; use ssh-ed25519, "
-                    "ssh-rsa (4096 bits), or an age key (packerfs keygen)."
-                )
-            try:
-                return cls(wire)
-            except ValueError as e:
-                raise UsageError(f"{prefix}unusable {tok} recipient: {e}.") from None
-    raise UsageError(
-        f"{prefix}{_short(s)} is not an age recipient (age1…) or an SSH public key "
-        "(ssh-ed25519 …, ssh-rsa …)."
-    )
-
-
-def parse_recipients_text(text: str, source: str) -> list[Recipient]:
-    """A recipients file as `age -R` reads it: one per line, '#' comments, blank lines."""
-    out: list[Recipient] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        out.append(parse_recipient(line, f"{source} line {lineno}"))
-    if not out:
-        raise UsageError(f"{source}: no recipients found in the file.")
-    return out
-
-
-_KEY_FILE_LIMIT = 16 * 1024 * 1024
-
-
-def _read_key_file(path: str, what: str, error: type[Exception]) -> bytes:
-    """A recipients or identity file, read whole; anything larger than any real one is refused."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_KEY_FILE_LIMIT + 1)
-    except OSError as e:
-        raise error(f"{path}: cannot read {what}: {e.strerror}.") from None
-    if len(data) > _KEY_FILE_LIMIT:
-        raise error(f"{path}: {what} is too large.")
-    return data
-
-
-def read_recipients_file(path: str) -> list[Recipient]:
-    raw = _read_key_file(path, "recipients file", UsageError)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: recipients file is not text.") from None
-    return parse_recipients_text(text, path)
-
-
-# --------------------------------------------------------------------------- identities
-
-
-class Identity(ABC):
-    """Something that can unwrap the file key from a stanza addressed to it."""
-
-    type: str
-    source: str = "?"
-
-    @abstractmethod
-    def unwrap(self, stanza: Stanza) -> bytes | None:
-        """The file key, or None if the stanza is not for this identity.
-
-        A stanza of this identity's type that is malformed, or that names this
-        identity (by tag) but fails to open, raises FormatError.
-        """
-
-
-def _stanza_error(stanza: Stanza, what: str) -> FormatError:
-    return FormatError(f"age header: {stanza.type} stanza {what}", offset=stanza.offset)
-
-
-def _ephemeral_share(stanza: Stanza, args: int) -> bytes:
-    """The 32-byte ephemeral share that is the last of a stanza's `args` arguments."""
-    if len(stanza.args) != args:
-        raise _stanza_error(stanza, "has the wrong number of arguments")
-    try:
-        share = _b64decode(stanza.args[-1])
-    except ValueError:
-        share = b""
-    if len(share) != 32:
-        raise _stanza_error(stanza, "has a malformed ephemeral share")
-    return share
-
-
-def _check_file_key(stanza: Stanza, key: bytes) -> bytes:
-    if len(key) != FILE_KEY_SIZE:
-        raise _stanza_error(stanza, "carries a file key of the wrong size")
-    return key
-
-
-class X25519Identity(Identity):
-    type = "X25519"
-
-    def __init__(self, secret: bytes, source: str = "?"):
-        self._secret = secret
-        self.public_key = _x25519(secret, (9).to_bytes(32, "little"))
-        self.source = source
-
-    @classmethod
-    def from_string(cls, s: str, source: str = "?") -> "X25519Identity":
-        hrp, data = bech32.decode(s)
-        if hrp != "age-secret-key-" or s != s.upper() or len(data) != 32:
-            raise ValueError("not an AGE-SECRET-KEY-1… identity")
-        return cls(data, source)
-
-    def to_string(self) -> str:
-        return bech32.encode("age-secret-key-", self._secret, upper=True)
-
-    @property
-    def recipient(self) -> str:
-        return bech32.encode("age", self.public_key)
-
-    def unwrap(self, stanza: Stanza) -> bytes | None:
-        if stanza.type != "X25519":
-            return None
-        share = _ephemeral_share(stanza, 2)
-        if len(stanza.body) != 32:
-            raise _stanza_error(stanza, "has a body of the wrong size")
-        try:
-            shared = _x25519(self._secret, share)
-        except ValueError:
-            raise _stanza_error(stanza, "has a low-order ephemeral share") from None
-        key = _aead_open(_hkdf(shared, share + self.public_key, _X25519_INFO), stanza.body)
-        return None if key is None else _check_file_key(stanza, key)
-
-
-class SshRsaIdentity(Identity):
-    type = "ssh-rsa"
-
-    def __init__(self, key: rsa.RSAPrivateKey, source: str = "?"):
-        self._key = key
-        self.wire = _ssh_public_wire(key.public_key())
-        self.tag = _ssh_tag(self.wire)
-        self.source = source
-
-    def unwrap(self, stanza: Stanza) -> bytes | None:
-        if stanza.type != "ssh-rsa":
-            return None
-        if len(stanza.args) != 2:
-            raise _stanza_error(stanza, "has the wrong number of arguments")
-        if stanza.args[1] != self.tag:
-            return None
-        try:
-            key = self._key.decrypt(
-                stanza.body,
-                padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_RSA_LABEL),
-            )
-        except ValueError:
-            what = f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)"
-            raise _stanza_error(stanza, what) from None
-        return _check_file_key(stanza, key)
-
-
-class SshEd25519Identity(Identity):
-    type = "ssh-ed25519"
-
-    def __init__(self, key: ed25519.Ed25519PrivateKey, source: str = "?"):
-        seed = key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-        self._secret = hashlib.sha512(seed).digest()[:32]
-        self.x25519_public = _x25519(self._secret, (9).to_bytes(32, "little"))
-        self.wire = _ssh_public_wire(key.public_key())
-        self.tag = _ssh_tag(self.wire)
-        self._tweak = _hkdf(b"", self.wire, _ED25519_INFO)
-        self.source = source
-
-    def unwrap(self, stanza: Stanza) -> bytes | None:
-        if stanza.type != "ssh-ed25519":
-            return None
-        share = _ephemeral_share(stanza, 3)
-        if stanza.args[1] != self.tag:
-            return None
-        if len(stanza.body) != 32:
-            raise _stanza_error(stanza, "has a body of the wrong size")
-        try:
-            shared = _x25519(self._tweak, _x25519(self._secret, share))
-        except ValueError:
-            raise _stanza_error(stanza, "has a low-order ephemeral share") from None
-        key = _aead_open(_hkdf(shared, share + self.x25519_public, _ED25519_INFO), stanza.body)
-        if key is None:
-            raise _stanza_error(stanza, f"for key {_ssh_fingerprint(self.wire)} does not decrypt (damaged header)")
-        return _check_file_key(stanza, key)
-
-
-_ENCRYPTED_SSH_HINT = (
-    "packerfs cannot prompt for passphrases; decrypt a private copy with "
-    "`cp KEY KEY.nopass && ssh-keygen -p -N '' -f KEY.nopass` (keep it mode 0600) and pass that, "
-    "or use an age identity (packerfs keygen)"
-)
-
-
-def _openssh_is_encrypted(pem: bytes) -> bool:
-    body = b"".join(
-        line.strip() for line in pem.splitlines() if line.strip() and not line.startswith(b"-----")
-    )
-    try:
-        blob = base64.b64decode(body)
-    except binascii.Error:
-        return False
-    magic = b"openssh-key-v1\x00"
-    if not blob.startswith(magic):
-        return False
-    try:
-        cipher, _ = _ssh_string(blob, len(magic))
-    except ValueError:
-        return False
-    return cipher != b"none"
-
-
-def _ssh_identity(data: bytes, path: str) -> Identity:
-    text = data.lstrip()
-    if text.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
-        if _openssh_is_encrypted(text):
-            raise KeyProblem(f"{path}: this OpenSSH private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.")
-        loader = serialization.load_ssh_private_key
-    elif text.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") or (
-        b"Proc-Type: 4,ENCRYPTED" in text[:512]
-    ):
-        raise KeyProblem(f"{path}: this private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.")
-    elif text.startswith((b"-----BEGIN RSA PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----")):
-        loader = serialization.load_pem_private_key
-    else:
-        raise KeyProblem(
-            f"{path}: unsupported private key format; use an OpenSSH (RSA or Ed25519) key or an age identity."
-        )
-    try:
-        key = loader(data, password=None)
-    except TypeError:
-        raise KeyProblem(f"{path}: this private key is passphrase-protected; {_ENCRYPTED_SSH_HINT}.") from None
-    except (ValueError, UnsupportedAlgorithm) as e:
-        why = str(e).splitlines()[0] if str(e) else "malformed"
-        raise KeyProblem(f"{path}: cannot read the private key ({why}).") from None
-    if isinstance(key, rsa.RSAPrivateKey):
-        return SshRsaIdentity(key, path)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return SshEd25519Identity(key, path)
-    kind = type(key).__name__.lstrip("_")
-    raise KeyProblem(f"{path}: only RSA and Ed25519 SSH keys can be age identities, not {kind}.")
-
-
-def parse_identities(data: bytes, path: str) -> list[Identity]:
-    """Identities from one file's bytes: an age identity file, or an OpenSSH/PEM private key."""
-    head = data.lstrip()
-    if head.startswith((b"age-encryption.org/", b"-----BEGIN AGE ENCRYPTED FILE-----")):
-        raise KeyProblem(
-            f"{path}: passphrase-encrypted identity files are not supported; "
-            "decrypt it with `age -d` to a mode-0600 file first."
-        )
-    if head.startswith(b"-----BEGIN"):
-        return [_ssh_identity(data, path)]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise KeyProblem(f"{path}: not an age identity file or a private key.") from None
-    out: list[Identity] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("AGE-PLUGIN-") or line.startswith("AGE-SECRET-KEY-PQ-"):
-            raise KeyProblem(
-                f"{path} line {lineno}: plugin and post-quantum age identities are not supported; "
-                "use an X25519 identity (AGE-SECRET-KEY-1…)."
-            )
-        try:
-            out.append(X25519Identity.from_string(line, path))
-        except ValueError:
-            raise KeyProblem(f"{path} line {lineno}: not an age identity (expected AGE-SECRET-KEY-1…).") from None
-    if not out:
-        raise KeyProblem(f"{path}: no identities found in the file.")
-    return out
-
-
-def load_identity_file(path: str) -> list[Identity]:
-    return parse_identities(_read_key_file(path, "identity file", KeyProblem), path)
-
-
-# --------------------------------------------------------------------------- header
-
-
-def build_header(recipients: Sequence[Recipient], file_key: bytes, rands: Sequence[bytes]) -> bytes:
-    """The header wrapping `file_key` to `recipients`, stanza i using the randomness rands[i]."""
-    body = INTRO + b"".join(r.wrap(file_key, rnd).encode() for r, rnd in zip(recipients, rands, strict=True)) + b"---"
-    return body + b" " + _b64encode(_header_mac(file_key, body)).encode("ascii") + b"\n"
+# --------------------------------------------------------------------------- per-file secrets
 
 
 def _derive(seed: bytes, label: bytes, length: int) -> bytes:
@@ -782,94 +194,6 @@ class FileSecrets:
         nonce = _derive(seed, b"payload nonce", NONCE_SIZE)
         rands = [_derive(seed, b"stanza " + i.to_bytes(4, "big"), 32) for i in range(len(recipients))]
         return cls(file_key, nonce, build_header(recipients, file_key, rands))
-
-
-class _NeedMore(Exception):
-    pass
-
-
-@dataclass
-class Header:
-    stanzas: list[Stanza]
-    mac_input: bytes  # the header up to and including "---"
-    mac: bytes
-    size: int  # header length in bytes (payload starts here)
-    mac_offset: int = 0
-    raw: bytes = field(default=b"", repr=False)
-
-
-def _parse_header(buf: bytes, complete: bool) -> Header:
-    """Parse an age v1 header at the start of `buf` (raise _NeedMore if buf ends too early)."""
-    pos = 0
-    magic = b"age-encryption.org/"
-    if not buf.startswith(magic[: len(buf)]) and not buf.startswith(b"-----BEGIN AGE"):
-        raise FormatError("not an age file (bad version line)", offset=0)
-
-    def line() -> tuple[bytes, int]:
-        nonlocal pos
-        end = buf.find(b"\n", pos)
-        if end < 0:
-            if complete:
-                raise FormatError("age header is truncated", offset=len(buf))
-            raise _NeedMore
-        start = pos
-        pos = end + 1
-        return buf[start:end], start
-
-    first, _ = line()
-    if first + b"\n" != INTRO:
-        if first.startswith(b"age-encryption.org/"):
-            raise FormatError(f"unsupported age version {first.decode('ascii', 'replace')!r}", offset=0)
-        if first.startswith(b"-----BEGIN AGE ENCRYPTED FILE"):
-            raise FormatError("ASCII-armored age files are not supported; remove the armor first (age -d)", offset=0)
-        raise FormatError("not an age file (bad version line)", offset=0)
-    stanzas: list[Stanza] = []
-    while True:
-        text, start = line()
-        if text.startswith(b"-> "):
-            args_raw = text[3:].split(b" ")
-            if any(not a or any(c < 0x21 or c > 0x7E for c in a) for a in args_raw):
-                raise FormatError("age header: malformed stanza arguments", offset=start)
-            body_parts = []
-            while True:
-                chunk, cstart = line()
-                if len(chunk) > 64 or not _B64_RE.fullmatch(chunk):
-                    raise FormatError("age header: malformed stanza body", offset=cstart)
-                body_parts.append(chunk)
-                if len(chunk) < 64:
-                    break
-            try:
-                body = _b64decode(b"".join(body_parts))
-            except ValueError:
-                raise FormatError("age header: stanza body is not canonical base64", offset=start) from None
-            stanzas.append(Stanza([a.decode("ascii") for a in args_raw], body, start))
-        elif text.startswith(b"---"):
-            if not stanzas:
-                raise FormatError("age header has no recipient stanzas", offset=start)
-            if not text.startswith(b"--- ") or len(text) != 47:
-                raise FormatError("age header: malformed MAC line", offset=start)
-            try:
-                mac = _b64decode(text[4:])
-            except ValueError:
-                raise FormatError("age header: malformed MAC line", offset=start) from None
-            return Header(stanzas, buf[: start + 3], mac, pos, start, buf[:pos])
-        else:
-            raise FormatError("age header: unexpected line (damaged header?)", offset=start)
-
-
-def read_header(stream: RandomAccess) -> Header:
-    want = 4096
-    while True:
-        n = min(want, stream.size, MAX_HEADER_SIZE)
-        buf = stream.read(0, n)
-        if len(buf) != n:
-            raise FormatError("age stream is shorter than its stated size", offset=len(buf))
-        try:
-            return _parse_header(buf, complete=(n == stream.size))
-        except _NeedMore:
-            if n >= MAX_HEADER_SIZE:
-                raise FormatError("age header is too large", offset=0) from None
-            want *= 8
 
 
 # --------------------------------------------------------------------------- payload
