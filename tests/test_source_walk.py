@@ -495,3 +495,39 @@ def test_mount_point_inside_the_source_is_left_out(tmp_path):
         assert (src / "f").read_bytes() in served
         assert b"the-mount-point" not in served
     # umount returned (no deadlock on the mount point inside the source) and the mount is gone: checked by mount()
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "walk"])
+def test_open_source_file_both_ways(tmp_path, monkeypatch, openat2):
+    """The one-resolution openat2 path and the component walk agree: regular files open, nothing else does."""
+    from packerfs.errors import SourceChanged
+    from packerfs.source import files
+
+    if openat2 and not files._openat2_works:
+        pytest.skip("this kernel has no openat2")
+    monkeypatch.setattr(files, "_openat2_works", openat2)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"inside")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(MARKER)
+    os.symlink(outside, src / "link")
+    os.mkfifo(src / "d" / "pipe")
+    fd = files.open_source_file(os.fsencode(src), b"d/f")
+    try:
+        assert os.read(fd, 100) == b"inside"
+    finally:
+        os.close(fd)
+    for relpath in (b"link/f", b"d/pipe", b"d", b"link"):
+        with pytest.raises(SourceChanged):
+            within(10, files.open_source_file, os.fsencode(src), relpath)
+    # a directory that replaced the root is the one read from, not the one first seen
+    os.rename(src, tmp_path / "src-old")
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"new root")
+    fd = files.open_source_file(os.fsencode(src), b"d/f")
+    try:
+        assert os.read(fd, 100) == b"new root"
+    finally:
+        os.close(fd)
