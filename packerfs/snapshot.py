@@ -74,15 +74,46 @@ def encode_header(dataset: bytes, snapshot_id: int, time_ns: int) -> bytes:
     return cbor.encode({"packerfs_snapshot": FORMAT, "dataset": dataset, "id": snapshot_id, "time_ns": time_ns})
 
 
+# Entries are written once per path per changing scan, so they are encoded by hand, in DAG-CBOR's
+# canonical key order (shorter keys first, then bytewise): bins, kind, mode, path, size, stream,
+# target, version, mtime_ns. The tests check this against the generic encoder.
+_KEY = {k: cbor.encode(k) for k in ("bins", "kind", "mode", "path", "size", "stream", "target", "version", "mtime_ns")}
+_KIND = {k: cbor.encode(k) for k in KINDS}
+_FIELDS = {"dir": 4, "symlink": 5, "file": 8}
+_head = cbor.encode_head
+
+
+def _int(n: int) -> bytes:
+    return _head(0, n) if n >= 0 else _head(1, -1 - n)
+
+
 def encode_entry(record: dict, version: int) -> bytes:
     """One path of the tree, from its index record (see packerfs.index.store.RECORD_FIELDS)."""
+    kind = record["kind"]
+    path = record["path"]
+    out = [_head(5, _FIELDS[kind])]
+    if kind == "file":
+        bins = record["bins"]
+        out += [_KEY["bins"], _head(4, len(bins)), *map(_int, bins)]
+    out += [_KEY["kind"], _KIND[kind], _KEY["mode"], _int(record["mode"]), _KEY["path"], _head(2, len(path)), path]
+    if kind == "file":
+        out += [_KEY["size"], _int(record["size"]), _KEY["stream"], _int(record["stream_size"])]
+    elif kind == "symlink":
+        target = record["target"]
+        out += [_KEY["target"], _head(2, len(target)), target]
+    if kind == "file":
+        out += [_KEY["version"], _int(version)]
+    out += [_KEY["mtime_ns"], _int(record["mtime_ns"])]
+    return b"".join(out)
+
+
+def _encode_entry_generic(record: dict, version: int) -> bytes:
+    """The same entry through the generic encoder (what the tests compare encode_entry with)."""
     entry = {"path": record["path"], "kind": record["kind"], "mode": record["mode"], "mtime_ns": record["mtime_ns"]}
     if record["kind"] == "symlink":
         entry["target"] = record["target"]
     elif record["kind"] == "file":
-        entry.update(
-            size=record["size"], stream=record["stream_size"], version=version, bins=list(record["bins"])
-        )
+        entry.update(size=record["size"], stream=record["stream_size"], version=version, bins=list(record["bins"]))
     return cbor.encode(entry)
 
 

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, packerfs, write_random
 from packerfs.crypt import write_age_identity
@@ -339,3 +341,25 @@ def test_an_entry_that_becomes_unreadable_keeps_its_earlier_version(tmp_path):
     packerfs("unpack", out, tmp_path / "restored")
     restored = tree_of(tmp_path / "restored")
     assert restored["d/inside"] == kept and "f" in restored and "other" not in restored
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["dir", "symlink", "file"]),
+    path=st.binary(max_size=300),
+    target=st.binary(max_size=300),
+    mode=st.integers(0, 0o7777),
+    mtime=st.integers(-(2**63), 2**63 - 1),
+    size=st.integers(0, 2**63 - 1),
+    version=st.integers(1, 2**63 - 1),
+    bins=st.lists(st.integers(1, 2**32 - 1), min_size=1, max_size=30),
+)
+def test_snapshot_entry_encoder_is_canonical_dag_cbor(kind, path, target, mode, mtime, size, version, bins):
+    from packerfs import snapshot
+    from packerfs.ipld import cbor
+
+    record = {"path": path, "kind": kind, "mode": mode, "mtime_ns": mtime, "size": size, "stream_size": size + 7,
+              "target": target, "bins": bins}
+    encoded = snapshot.encode_entry(record, version)
+    assert encoded == snapshot._encode_entry_generic(record, version)
+    assert cbor.decode(encoded)["path"] == path
