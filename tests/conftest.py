@@ -156,3 +156,13 @@ def within(seconds: float, fn, *args):
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def pytest_runtest_setup(item):
+    """Every test marked `fuse` needs /dev/fuse and fusermount3: in CI their absence fails, elsewhere skips."""
+    if item.get_closest_marker("fuse") is None:
+        return
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        if os.environ.get("CI"):
+            pytest.fail("FUSE is not available (/dev/fuse, fusermount3); ./run setup installs fuse3")
+        pytest.skip("FUSE is not available (/dev/fuse, fusermount3)")

@@ -1,7 +1,6 @@
 """IPLD formats: CIDs, dag-pb, UnixFS (unixfs-v1-2025), HAMT, CARv1 — against the
 shared vectors and against ipfs-car itself."""
 
-import io
 import os
 import random
 from pathlib import Path

@@ -38,14 +38,6 @@ OP_TIMEOUT = 20.0  # any single operation on a mount
 STATUS = ".packerfs-status"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fuse_available():
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        if os.environ.get("CI"):
-            pytest.fail("FUSE is not available (/dev/fuse, fusermount3); ./run setup installs fuse3")
-        pytest.skip("FUSE is not available (/dev/fuse, fusermount3)")
-
-
 # ---------------------------------------------------------------- helpers
 
 

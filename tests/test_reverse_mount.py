@@ -11,7 +11,6 @@ mount is undone in `finally` (`packerfs umount`, then SIGKILL and
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil
@@ -25,7 +24,8 @@ import pytest
 from conftest import packerfs
 from packerfs.crypt import write_age_identity
 from packerfs.unpack import CarSet, dag
-from test_mount import OP_TIMEOUT, Mount, _fuse_available, mount, mounted_at, pid_alive, wait_for, within  # noqa: F401
+from conftest import within
+from test_mount import OP_TIMEOUT, Mount, mount, mounted_at, pid_alive, wait_for
 from test_unpack import HUGE, assert_same_tree, make_tree, make_writable
 
 pytestmark = pytest.mark.fuse

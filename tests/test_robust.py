@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import fuzz  # noqa: E402  (tools/fuzz.py: the CAR builder)
-from test_mount import OP_TIMEOUT, _fuse_available, mount, within  # noqa: E402,F401  (the mount helpers, a fixture)
+from conftest import within  # noqa: E402
+from test_mount import OP_TIMEOUT, mount  # noqa: E402  (the mount helpers)
 
 from packerfs import manifest as manifest_format  # noqa: E402
 from packerfs.errors import FormatError, PackerfsError, UsageError  # noqa: E402
@@ -410,7 +411,7 @@ def test_repeated_leaf_cannot_expand_a_small_car(tmp_path):
 
 
 @pytest.mark.fuse
-def test_reverse_mount_skips_a_fifo(tmp_path, _fuse_available):
+def test_reverse_mount_skips_a_fifo(tmp_path):
     """`mount --reverse` over a CAR directory holding a FIFO: it mounts (it hung in the scan before)."""
     cars = seed_cars(tmp_path / "cars")
     os.mkfifo(cars / "bin-4.car")

@@ -285,11 +285,10 @@ def test_ls_reports_a_truncated_car_with_exit_3(odd_names, tmp_path):
 
 @pytest.mark.fuse
 def test_mount_reverse_snapshot(history, tmp_path):
-    from test_mount import OP_TIMEOUT, _fuse_available, within  # noqa: F401
+    from conftest import within
+    from test_mount import OP_TIMEOUT
     from test_reverse_mount import reverse_mount
 
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("no FUSE")
     mnt, state = tmp_path / "mnt", tmp_path / "state"
     with reverse_mount(history["cars"], mnt, state, "-i", history["key"], "--snapshot", "1") as m:
         status = m.status()

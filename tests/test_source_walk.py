@@ -474,6 +474,7 @@ def test_out_or_state_being_the_source_or_above_it_is_refused(tmp_path):
     assert sorted(p.name for p in src.iterdir() if p.name != ".lock") == before
 
 
+@pytest.mark.fuse
 def test_mount_point_inside_the_source_is_left_out(tmp_path):
     import shutil
 
