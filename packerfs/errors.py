@@ -60,5 +60,14 @@ class SourceChanged(PackerfsError):
         self.path = path
 
 
+class SourceUnavailable(PackerfsError):
+    """The source cannot be reached or refuses us (a missing bucket, 403, throttling that does not
+    stop, a server gone): the message names the URL. Nothing is served or sealed from a failed read."""
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
 class IncompleteSet(PackerfsError):
     exit_code = EXIT_INCOMPLETE

@@ -20,7 +20,8 @@ from conftest import ROOT, packerfs, within, write_random
 from packerfs.crypt import make_cipher
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
 from packerfs.pack import Engine
-from packerfs.source import excluded_paths, open_source_file, walk
+from packerfs.source.files import open_source_file
+from packerfs.source.walk import excluded_paths, walk
 from packerfs.source.walk import DIR, FILE, SYMLINK
 
 MiB = 1 << 20
@@ -146,7 +147,7 @@ def test_pack_never_includes_bytes_from_outside_while_swapping(tmp_path):
 
 def test_scan_refuses_a_directory_swapped_for_a_symlink_before_its_files_are_opened(tmp_path):
     """Deterministic: while the scan reads sub/a, sub becomes a symlink to an outside copy with the same
-    names, sizes and mtimes, but other bytes. Needs the scan.py patch (Scan._open_source via open_source_file)."""
+    names, sizes and mtimes, but other bytes. The scan opens files through PosixSource (open_source_file)."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     write_random(src / "sub" / "a", 3 * MiB, 1)
@@ -264,7 +265,7 @@ def test_reader_refuses_a_file_swapped_for_a_fifo(tmp_path):
 
 def test_scan_reports_a_file_swapped_for_a_fifo_instead_of_hanging(tmp_path):
     """`a` fills the first bin, so the scan seals it after walking `b` and before opening `b`; the seal
-    callback puts a FIFO in b's place. Needs the scan.py patch (Scan._open_source via open_source_file)."""
+    callback puts a FIFO in b's place. The scan opens files through PosixSource (open_source_file)."""
     src = tmp_path / "src"
     write_random(src / "a", BIN - 600 * 1024, 1)
     write_random(src / "b", MiB + 1000, 2)

@@ -69,19 +69,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("--identity, --dataset and --snapshot go with --reverse (mounting CARs as the original tree)")
     from packerfs.commands.options import open_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, serve
+    from packerfs.commands.options import source_options
     from packerfs.pack import default_state_dir
-    from packerfs.source import excluded_paths
+    from packerfs.source import open_source
 
-    if not os.path.isdir(args.source):
-        raise UsageError(f"{args.source}: source is not a directory")
-    mountpoint = os.path.abspath(args.mountpoint)
-    check_mountpoint(mountpoint)
-    state_dir = os.path.abspath(args.temp or default_state_dir(os.path.realpath(args.source)))
-    args.temp = state_dir
-    # Now, before mounting (afterwards a stat of MNT is the mount's root); refuses MNT or STATE being SRC or above it.
-    excluded = excluded_paths(
-        os.path.realpath(args.source), ("state directory", state_dir), ("mount point", mountpoint)
-    )
+    source = open_source(args.source, source_options(args))  # a missing SRC or bucket is refused here
+    try:
+        mountpoint = os.path.abspath(args.mountpoint)
+        check_mountpoint(mountpoint)
+        state_dir = os.path.abspath(args.temp or default_state_dir(args.source))
+        args.temp = state_dir
+        # Now, before mounting (afterwards a stat of MNT is the mount's root); refuses MNT or STATE being SRC or above it.
+        excluded = source.excluded(("state directory", state_dir), ("mount point", mountpoint))
+        shown = source.url
+    finally:
+        source.close()
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(state_dir, LOG_NAME)
 
@@ -98,7 +100,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             log_path=None if args.foreground else log_path,
         )
 
-    return _start(job, args.foreground, log_path, f"{os.path.realpath(args.source)} at {mountpoint}")
+    return _start(job, args.foreground, log_path, f"{shown} at {mountpoint}")
 
 
 def cmd_mount_reverse(args: argparse.Namespace) -> int:
@@ -111,6 +113,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
             ("--bin-size", args.bin_size), ("--recipient", args.recipient), ("--recipients-file", args.recipients_file),
             ("--gpg-recipient", args.gpg_recipient), ("--no-encryption", args.no_encryption),
             ("--skip-unreadable", args.skip_unreadable), ("--repack-below", args.repack_below is not None),
+            ("--source-option", args.source_option),
         ) if given
     ]
     if pack_only:

@@ -40,13 +40,36 @@ def bin_size_from_args(args: argparse.Namespace) -> int:
     return check_bin_size(size)
 
 
+def source_options(args: argparse.Namespace) -> dict[str, str]:
+    """-o KEY=VALUE pairs, for the object store's file system (values stay strings; fsspec reads them)."""
+    from packerfs.errors import UsageError
+
+    options: dict[str, str] = {}
+    for pair in getattr(args, "source_option", None) or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"-o {pair.split('=')[0]!r}: write it as KEY=VALUE, e.g. -o endpoint_url=http://…")
+        options[key.strip()] = value
+    return options
+
+
 def open_engine(args: argparse.Namespace):
     from packerfs.pack import Engine
 
-    return Engine.open(args.source, args.temp, cipher_from_args(args), bin_size_from_args(args))
+    return Engine.open(args.source, args.temp, cipher_from_args(args), bin_size_from_args(args), source_options(args))
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-o", "--source-option", action="append", metavar="KEY=VALUE",
+        help="for an s3://, gs:// or az:// SRC: an option for its fsspec file system (repeatable), e.g. "
+        "-o endpoint_url=https://… -o anon=true; credentials come from each SDK's usual environment "
+        "and files, and are never written anywhere by packerfs",
+    )
 
 
 def add_pack_options(p: argparse.ArgumentParser) -> None:
+    add_source_options(p)
     p.add_argument(
         "--bin-size",
         metavar="SIZE",

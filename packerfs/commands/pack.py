@@ -16,13 +16,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     from packerfs.index.lock import lock_state
     from packerfs.pack import default_state_dir
-    from packerfs.source import excluded_paths
+    from packerfs.source import is_url
+    from packerfs.source.walk import excluded_paths
 
     state_dir = args.temp or default_state_dir(args.source)
     if os.path.isdir(args.source):
         # before the lock or anything else is written: OUT or STATE being SRC or above it is refused
         excluded_paths(args.source, ("output directory", args.output), ("state directory", state_dir))
-    lock = lock_state(state_dir, f"packing {os.path.abspath(args.source)}")
+    lock = lock_state(state_dir, f"packing {args.source if is_url(args.source) else os.path.abspath(args.source)}")
     engine = open_engine(args)
     try:
         with progress("packing", None) as advance:

@@ -190,7 +190,7 @@ def serve(
     try:
         engine = open_engine()
         info = {
-            "source": engine.source,
+            "source": engine.source.url,
             "state_dir": engine.state_dir,
             "mountpoint": mountpoint,
             "pid": os.getpid(),
@@ -220,7 +220,7 @@ def serve(
 
         log.info(
             "mounting %s at %s: %d sealed bins visible, %d worker processes, state %s",
-            engine.source, mountpoint, len(state.bins), PROCESSES, engine.state_dir,
+            engine.source.url, mountpoint, len(state.bins), PROCESSES, engine.state_dir,
         )
         # The scan thread is busy in Python; let the FUSE loop have the GIL back sooner than every 5 ms.
         sys.setswitchinterval(0.001)

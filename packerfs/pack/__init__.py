@@ -10,13 +10,12 @@ from typing import Callable
 
 from packerfs.crypt import load_or_create_dataset_secret
 from packerfs.crypt.base import Cipher
-from packerfs.errors import UsageError
 from packerfs.index import Index
 from packerfs.pack.reader import BinReader
 from packerfs.pack.scan import Scan, ScanReport
 from packerfs.ipld import car
 from packerfs.pack.writer import already_written, bin_status, car_name, write_car, write_manifests
-from packerfs.source.walk import excluded_paths
+from packerfs.source import Source, open_source, source_key
 
 __all__ = ["Engine", "WriteReport", "default_state_dir", "car_name"]
 
@@ -31,9 +30,9 @@ class WriteReport:
 
 
 def default_state_dir(source: str) -> str:
-    """Under the user's cache directory, keyed by the source's real path."""
+    """Under the user's cache directory, keyed by the source's real path or URL."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    key = hashlib.sha256(os.fsencode(os.path.realpath(source))).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(source_key(source))).hexdigest()[:16]
     return os.path.join(base, "packerfs", key)
 
 
@@ -41,7 +40,7 @@ def default_state_dir(source: str) -> str:
 class Engine:
     """A source, its state directory and the options it was packed with."""
 
-    source: str
+    source: Source
     state_dir: str
     cipher: Cipher
     bin_size: int
@@ -52,18 +51,23 @@ class Engine:
     excluded: set[bytes] = field(default_factory=set)
 
     @classmethod
-    def open(cls, source: str, state_dir: str | None, cipher: Cipher, bin_size: int) -> "Engine":
-        if not os.path.isdir(source):
-            raise UsageError(f"{source}: source is not a directory")
-        source = os.path.realpath(source)
-        state_dir = os.path.abspath(state_dir or default_state_dir(source))
-        excluded = excluded_paths(source, ("state directory", state_dir))  # refuses SRC inside STATE
+    def open(
+        cls, spec: str, state_dir: str | None, cipher: Cipher, bin_size: int, source_options: dict | None = None
+    ) -> "Engine":
+        """SRC (a directory or an object-store URL, with its file-system options) and its state."""
+        source = open_source(spec, source_options)
+        try:
+            state_dir = os.path.abspath(state_dir or default_state_dir(spec))
+            excluded = source.excluded(("state directory", state_dir))  # refuses SRC inside STATE
+        except BaseException:
+            source.close()
+            raise
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         secret = load_or_create_dataset_secret(state_dir)
         index = Index(state_dir)
         index.bind(
             {
-                "source": source,
+                "source": source.url,
                 "bin_size": bin_size,
                 "cipher": cipher.name,
                 "recipients": sorted(cipher.recipients),
@@ -75,7 +79,7 @@ class Engine:
         """Leave these directories (paths, or (what, path) pairs) out of the scan if they lie inside
         the source; UsageError if one is the source or contains it. Real paths are taken now: for a
         mount point, call this before mounting (afterwards its stat is the mount's)."""
-        self.excluded |= excluded_paths(self.source, *others)
+        self.excluded |= self.source.excluded(*others)
 
     def scan(
         self,
@@ -94,12 +98,12 @@ class Engine:
         """
         excluded = set(self.excluded)
         if car_dir is not None:
-            excluded |= excluded_paths(self.source, ("output directory", car_dir))
+            excluded |= self.source.excluded(("output directory", car_dir))
             os.makedirs(car_dir, exist_ok=True)
         if excluded:
             log.warning(
                 "%s: left out of the scan (packerfs's own state, output or mount point inside the source)",
-                ", ".join(os.fsdecode(os.path.join(os.fsencode(self.source), p)) for p in sorted(excluded)),
+                ", ".join(self.source.display(p) for p in sorted(excluded)),
             )
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
@@ -144,3 +148,4 @@ class Engine:
 
     def close(self) -> None:
         self.index.close()
+        self.source.close()

@@ -15,7 +15,6 @@ so a copied CAR is byte-identical to a written one.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import zlib
 from typing import Iterator
@@ -28,50 +27,17 @@ from packerfs.ipld import car
 from packerfs.ipld.cid import RAW, block_matches, cid_from_digest, decode_uvarint, read_cid
 from packerfs.ipld.unixfs import CHUNK_SIZE, Node, file_node
 from packerfs.plan import costs
-from packerfs.source.files import lstat_source, open_source_file
-from packerfs.source.walk import Fingerprint
+from packerfs.source.base import Source, SourceFile
 
 FULL_LEAF_SECTION = costs.section_length(CHUNK_SIZE)
 
 
-class _SourceFile:
-    """An open source file of one version, read with pread; closes when evicted.
-
-    Opened below the source root without following any symlink, and only if it is still a
-    regular file (open_source_file): a directory swapped for a symlink out of the tree, or a
-    FIFO or device put in the file's place, is refused with SourceChanged, never read or waited on.
-    """
-
-    def __init__(self, root: bytes, relpath: bytes, record: dict):
-        self.path = root + b"/" + relpath
-        self.record = record
-        try:
-            self.fd = open_source_file(root, relpath)
-        except OSError as exc:
-            raise SourceChanged(
-                f"{os.fsdecode(self.path)}: cannot open source file: {exc.strerror}", path=os.fsdecode(self.path)
-            ) from None
-
-    def read_plain(self, offset: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, offset)
-        if len(data) != size:
-            raise SourceChanged(
-                f"{os.fsdecode(self.path)}: source file is shorter than at scan time "
-                f"(wanted {size} bytes at offset {offset}, got {len(data)})",
-                path=os.fsdecode(self.path),
-            )
-        return data
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class BinReader:
     def __init__(
-        self, index: Index, source: str, cipher: Cipher, secret: bytes, *, cache_leaves: int = 16, open_files: int = 32
+        self, index: Index, source: Source, cipher: Cipher, secret: bytes, *, cache_leaves: int = 16, open_files: int = 32
     ):
         self.index = index
-        self.source = os.fsencode(os.path.abspath(source))
+        self.source = source
         self.cipher = cipher
         self.secret = secret
         self.leaves = LRU(cache_leaves)  # (version, leaf) -> verified leaf section
@@ -187,8 +153,8 @@ class BinReader:
         with self.files_lock:
             opened = self.files.get(version)
             if opened is None or not record.get("complete"):
-                source = _SourceFile(self.source, record["path"], record)
-                stream = self.cipher.open_stream(record["params"], record["size"], source.read_plain, self.secret)
+                source = self.source.open(record["path"], record["fp"])
+                stream = self.cipher.open_stream(record["params"], record["size"], source.read, self.secret)
                 opened = _OpenStream(source, stream)
                 self.files.put(version, opened)
             opened.users += 1
@@ -197,7 +163,7 @@ class BinReader:
         except SourceChanged as exc:
             if exc.path is not None:
                 raise
-            path = os.fsdecode(self.source + b"/" + record["path"])
+            path = self.source.display(record["path"])
             raise SourceChanged(f"{path}: {exc}", path=path) from None
         finally:
             with self.files_lock:
@@ -216,32 +182,24 @@ class BinReader:
         data = self._read_stream(version, record, leaf_index * CHUNK_SIZE, length)
         if len(data) != length or hashlib.sha256(data).digest() != digest:
             raise SourceChanged(
-                self._changed_message(record, leaf_index), path=os.fsdecode(self.source + b"/" + record["path"])
+                self._changed_message(record, leaf_index), path=self.source.display(record["path"])
             )
         section = car.section_prefix(cid_from_digest(RAW, digest), length) + data
         self.leaves.put(key, section)
         return section
 
     def _changed_message(self, record: dict, leaf_index: int) -> str:
-        path = self.source + b"/" + record["path"]
-        try:
-            now = Fingerprint.of(lstat_source(self.source, record["path"]))
-            how = "its size or times differ" if tuple(now) != tuple(record["fp"]) else "its bytes differ"
-        except OSError as exc:
-            how = exc.strerror.lower()
-        except SourceChanged:
-            how = "a directory on its path is no longer a directory"
-        offset = leaf_index * CHUNK_SIZE
+        how = self.source.describe_change(record["path"], record["fp"])
         return (
-            f"{os.fsdecode(path)}: source changed since the scan ({how}); refusing to serve "
-            f"stream bytes at offset {offset}"
+            f"{self.source.display(record['path'])}: source changed since the scan ({how}); refusing to serve "
+            f"stream bytes at offset {leaf_index * CHUNK_SIZE}"
         )
 
 
 class _OpenStream:
     """A source file and its stream; closed when evicted from the cache and no read is using it."""
 
-    def __init__(self, source: _SourceFile, stream: RandomAccess):
+    def __init__(self, source: SourceFile, stream: RandomAccess):
         self.source = source
         self.stream = stream
         self.users = 0

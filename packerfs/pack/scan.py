@@ -42,8 +42,8 @@ from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
 from packerfs.plan import costs
 from packerfs.pack.writer import car_name
 from packerfs.plan.layout import BinLayout
-from packerfs.source.files import open_source_file
-from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem, walk
+from packerfs.source.base import Source
+from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem
 
 log = logging.getLogger("packerfs.scan")
 
@@ -154,7 +154,7 @@ class _TreeSpill:
 class Scan:
     def __init__(
         self,
-        source: str,
+        source: Source,
         index: Index,
         cipher: Cipher,
         secret: bytes,
@@ -177,7 +177,7 @@ class Scan:
         """
         self.car_dir = car_dir
         self.exclude = frozenset(exclude)
-        self.source = os.fsencode(os.path.abspath(source))
+        self.source = source
         self.index = index
         self.cipher = cipher
         self.secret = secret
@@ -215,7 +215,7 @@ class Scan:
     def run(self) -> ScanReport:
         problems: list[ScanProblem] = []
         total = 0
-        for entry in walk(self.source, problems, exclude=self.exclude):
+        for entry in self.source.walk(problems, exclude=self.exclude, keep=True):
             if entry.path == b"" or entry.kind != FILE:
                 continue
             total += entry.size
@@ -227,7 +227,7 @@ class Scan:
                 f"fix the permissions or pass --skip-unreadable"
             )
         for p in problems:
-            log.warning("%s: %s", os.fsdecode(self.source + b"/" + p.path), p.reason)
+            log.warning("%s: %s", self.source.display(p.path), p.reason)
         self.report.problems = problems
         self.report.bytes_total = total
         set_total = getattr(self.advance, "set_total", None)
@@ -247,10 +247,11 @@ class Scan:
 
     def _scan_all(self) -> None:
         late: list[ScanProblem] = []
-        for entry in walk(self.source, late, exclude=self.exclude):
+        entries = self.source.walk(late, exclude=self.exclude, replay=True)
+        for entry in self.source.read_ahead(entries, self._will_read):
             if entry.path == manifest.DIRNAME:
                 raise UsageError(
-                    f"{os.fsdecode(self.source)}/.packerfs: this name is reserved for packerfs's own "
+                    f"{self.source.display(entry.path)}: this name is reserved for packerfs's own "
                     f"metadata in each CAR; rename it"
                 )
             while self.ancestors and not _is_ancestor(self.ancestors[-1].path, entry.path):
@@ -262,15 +263,34 @@ class Scan:
         self._finish()
         self._save_state("ready")
 
-    def _handle(self, entry: Entry) -> None:
-        record = None
+    def _earlier(self, entry: Entry) -> tuple[int | None, dict | None, bool, bool]:
+        """(version, record, same, moving): the entry's latest record, whether the entry is still that
+        version, and whether it moves out of a bin being vacated."""
+        version = record = None
         if not self.index_is_new:
             version = self.index.latest_version(entry.path)
             record = self.index.file(version) if version is not None else None
         same = record is not None and tuple(record["fp"]) == tuple(entry.fingerprint)
-        sealed = record is not None and all(self.index.bin(b) is not None for b in record["bins"])
         moving = same and entry.kind == FILE and not self.vacate.isdisjoint(record["bins"])
-        if same and record["complete"] and sealed and not moving:
+        return version, record, same, moving
+
+    def _kept(self, record: dict | None, same: bool, moving: bool) -> bool:
+        """Is the entry's sealed record still it, so that nothing is read or placed again?"""
+        sealed = record is not None and all(self.index.bin(b) is not None for b in record["bins"])
+        return same and record["complete"] and sealed and not moving
+
+    def _will_read(self, entry: Entry) -> bool:
+        """Will the scan read this file from its first byte? (For the source's read-ahead.)"""
+        if entry.kind != FILE or not entry.size:
+            return False
+        _, record, same, moving = self._earlier(entry)
+        if self._kept(record, same, moving):
+            return False
+        return not (same and record.get("leaves_sealed"))  # a continued file is read from its seam
+
+    def _handle(self, entry: Entry) -> None:
+        version, record, same, moving = self._earlier(entry)
+        if self._kept(record, same, moving):
             self.report.skipped += 1
             self.tree.add(version, record)
             self.pending_touched.append(entry.path)
@@ -548,36 +568,22 @@ class Scan:
 
     def _last_leaf_matches(self, entry: Entry, version: int, record: dict, sealed: int) -> bool:
         """Does the source still produce the last sealed leaf (one leaf of reading and encryption)?"""
-        full_path = self.source + b"/" + entry.path
-        fd = self._open_source(full_path)
+        opened = self.source.open(entry.path, entry.fingerprint)
         try:
-            def read_plain(off: int, size: int) -> bytes:
-                return os.pread(fd, size, off)
-
-            stream = self.cipher.open_stream(record["params"], entry.size, read_plain, self.secret)
+            stream = self.cipher.open_stream(record["params"], entry.size, opened.read, self.secret)
             try:
                 leaf = stream.read((sealed - 1) * CHUNK_SIZE, CHUNK_SIZE)
-            except SourceChanged:  # the file is shorter than its fingerprint says
+            except SourceChanged:  # the file is shorter than its fingerprint says, or no longer that version
                 return False
         finally:
-            os.close(fd)
+            opened.close()
         return hashlib.sha256(leaf).digest() == self.index.digests_of(version, sealed - 1, 1)
-
-    def _open_source(self, full_path: bytes) -> int:
-        """The source file at full_path (self.source + b"/" + its path), reached without following any
-        symlink on the way; a FIFO, device or symlink swapped in is SourceChanged, never a hang."""
-        try:
-            return open_source_file(self.source, full_path[len(self.source) + 1 :])
-        except OSError as exc:
-            raise PackerfsError(f"{os.fsdecode(full_path)}: cannot open: {exc.strerror}") from None
 
     def _stream_leaves(self, entry: Entry, encryptor, start: int = 0) -> Iterator[bytes]:
         """The file's stream, read once from the source and encrypted, cut into leaves.
 
         `start`: the plaintext offset a resumed encryptor (Cipher.resume_at) takes first; its
         stream starts at a leaf boundary, so the leaves are cut from there."""
-        full_path = self.source + b"/" + entry.path
-        fd = self._open_source(full_path)
         leaf = bytearray(CHUNK_SIZE)  # filled from the encryptor's output, then copied out once
         filled = 0
 
@@ -593,29 +599,13 @@ class Scan:
                     filled = 0
                     yield bytes(leaf)
 
-        try:
-            if start:
-                os.lseek(fd, start, os.SEEK_SET)
-                self.advance(start)  # the sealed prefix counts as done
-            remaining = entry.size - start
-            while remaining:
-                data = os.read(fd, min(CHUNK_SIZE, remaining))
-                if not data:
-                    raise SourceChanged(
-                        f"{os.fsdecode(full_path)}: file shrank while being read "
-                        f"(offset {entry.size - remaining} of {entry.size}); run again to resume"
-                    )
-                remaining -= len(data)
-                self.report.bytes_read += len(data)
-                self.advance(len(data))
-                yield from cut(encryptor.update(data))
-            tail = encryptor.finish()
-            now = os.fstat(fd)
-            if (now.st_size, now.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                raise SourceChanged(f"{os.fsdecode(full_path)}: file changed while being read; run again to resume")
-        finally:
-            os.close(fd)
-        yield from cut(tail)
+        if start:
+            self.advance(start)  # the sealed prefix counts as done
+        for data in self.source.stream(entry, start):
+            self.report.bytes_read += len(data)
+            self.advance(len(data))
+            yield from cut(encryptor.update(data))
+        yield from cut(encryptor.finish())
         if filled or self.cipher.stream_size(entry.size) == 0:
             yield bytes(leaf[:filled])  # the short last leaf, or the one empty leaf of an empty stream
 
@@ -767,7 +757,7 @@ class Scan:
         known = {(p.path, p.reason) for p in self.report.problems}
         fresh = [p for p in late if (p.path, p.reason) not in known]
         for p in fresh:
-            log.warning("%s: %s", os.fsdecode(self.source + b"/" + p.path), p.reason)
+            log.warning("%s: %s", self.source.display(p.path), p.reason)
         self.report.problems.extend(fresh)
         fatal = [p for p in fresh if p.fatal]
         if fatal and not self.skip_unreadable:
