@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The object-store servers' fixtures (s3_server, azure_server, gcs_server, s3_proxy, …), for every test module.
+pytest_plugins = ["objstores"]
 VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
