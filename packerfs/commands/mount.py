@@ -17,7 +17,7 @@ STATUS_FILE = ".packerfs-status"
 
 
 def register(commands) -> None:
-    from packerfs.commands.options import EPILOG, add_pack_options
+    from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options
 
     p = commands.add_parser(
         "mount",
@@ -34,7 +34,7 @@ def register(commands) -> None:
         "unchanged CARs reads none of them again, and SIGHUP to the daemon picks up added CARs.",
         epilog=EPILOG,
     )
-    p.add_argument("source", metavar="SRC|CARS")
+    p.add_argument("source", metavar="SRC|CARS", help=SRC_HELP + "; with --reverse, the CARs")
     p.add_argument("mountpoint", metavar="MNT")
     p.add_argument("--reverse", action="store_true", help="show the CAR files in CARS as the original tree")
     p.add_argument(

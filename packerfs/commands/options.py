@@ -9,6 +9,12 @@ exit codes: 0 success, 1 failure (nothing left half-written), 2 usage error,
 3 finished but incomplete (missing or damaged inputs are listed)."""
 
 
+SRC_HELP = (
+    "a directory, or an object-store prefix: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX "
+    "(credentials and endpoints from the SDKs' usual environment variables and files; see -o)"
+)
+
+
 def cipher_from_args(args: argparse.Namespace):
     from packerfs.crypt import make_cipher
 

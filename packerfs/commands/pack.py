@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from packerfs.commands.options import EPILOG, add_pack_options, open_engine
+from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, open_engine
 from packerfs.progress import progress
 
 
@@ -70,6 +70,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         "retired_bins": report.retired_bins,
         "unavailable_bins": written.unavailable,
         "bytes_read": report.bytes_read,
+        "source": engine.source.url,
+        "bytes_fetched": engine.source.bytes_fetched,  # from the source, this run: ~bytes_read (one read)
         "skipped": [{"path": os.fsdecode(p.path), "reason": p.reason} for p in report.problems],
     }
     if args.json:
@@ -184,7 +186,7 @@ def register(commands) -> None:
         "that no longer hold anything it needs.",
         epilog=EPILOG,
     )
-    p.add_argument("source", metavar="SRC")
+    p.add_argument("source", metavar="SRC", help=SRC_HELP)
     p.add_argument("output", metavar="OUT")
     add_pack_options(p)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed; exit 3) instead of failing")
@@ -192,7 +194,7 @@ def register(commands) -> None:
     p.set_defaults(func=cmd_pack)
 
     p = commands.add_parser("status", help="show the state of a scan", description="Show a state directory's scan state.")
-    p.add_argument("source", metavar="SRC", nargs="?", default=".")
+    p.add_argument("source", metavar="SRC", nargs="?", default=".", help=SRC_HELP + " (default: .)")
     p.add_argument("-t", "--temp", metavar="STATE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

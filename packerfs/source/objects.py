@@ -270,8 +270,14 @@ class ObjectSource(Source):
         where = self._where(key, offset)
         path = where if key is not None else None
         if failure.kind in (CHANGED, MISSING) and key is not None:
-            how = "it was overwritten or deleted since the listing" if failure.kind == CHANGED else "it is gone"
-            return SourceChanged(f"{where}: {how} ({failure.text}); not read", path=path)
+            shown = self._where(key, None)
+            how = "overwritten or deleted" if failure.kind == CHANGED else "gone"
+            at = f" at offset {offset}" if offset is not None else ""
+            return SourceChanged(
+                f"{shown}: source changed since the scan (the version listed is {how}: {failure.text}); "
+                f"not read{at}",
+                path=shown,
+            )
         if failure.kind == BUCKET_MISSING:
             return SourceUnavailable(f"{self.url}: the bucket {self.parsed.bucket!r} does not exist ({failure.text})")
         if failure.kind == DENIED:
@@ -363,13 +369,12 @@ class ObjectSource(Source):
         complete = False
         try:
             with os.fdopen(fd, "wb") as out:
-                pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+                # one pickle per record, so that neither side keeps a memo of the whole listing
                 for entry in entries:
-                    pickler.dump(("e", tuple(entry)))
-                    pickler.clear_memo()
+                    pickle.dump(("e", tuple(entry)), out, protocol=pickle.HIGHEST_PROTOCOL)
                     yield entry
                 for problem in problems:
-                    pickler.dump(("p", tuple(problem)))
+                    pickle.dump(("p", tuple(problem)), out, protocol=pickle.HIGHEST_PROTOCOL)
             complete = True
         finally:
             if complete:
@@ -380,10 +385,9 @@ class ObjectSource(Source):
     def _replay(self, spill: str, problems: list[ScanProblem]) -> Iterator[Entry]:
         try:
             with open(spill, "rb") as f:
-                unpickler = pickle.Unpickler(f)
                 while True:
                     try:
-                        kind, values = unpickler.load()
+                        kind, values = pickle.load(f)
                     except EOFError:
                         break
                     if kind == "e":
@@ -530,18 +534,19 @@ class ObjectFile(SourceFile):
     def read(self, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
+        shown = self.source._where(self.key, None)
         if offset + size > self.fingerprint.size:
             raise SourceChanged(
-                f"{self.source._where(self.key, offset)}: wanted {size} bytes, beyond the object's listed size "
-                f"{self.fingerprint.size}",
-                path=self.source._where(self.key, None),
+                f"{shown}: source file is shorter than at scan time (wanted {size} bytes at offset {offset}, "
+                f"beyond its listed size {self.fingerprint.size})",
+                path=shown,
             )
         data = self.source.read_range(self.key, self.fingerprint.token, offset, offset + size)
         if len(data) != size:
             raise SourceChanged(
-                f"{self.source._where(self.key, offset)}: got {len(data)} bytes of {size}; the object is no "
-                f"longer the version listed",
-                path=self.source._where(self.key, None),
+                f"{shown}: source file is shorter than at scan time (wanted {size} bytes at offset {offset}, "
+                f"got {len(data)})",
+                path=shown,
             )
         return data
 
@@ -646,10 +651,11 @@ class _Prefetcher:
                         self._fill()
                 self.source._count(len(data))
                 if len(data) != length:
+                    shown = self.source._where(plan.key, None)
                     raise SourceChanged(
-                        f"{self.source._where(plan.key, block_start)}: got {len(data)} bytes of {length}; the object "
-                        f"is no longer the version listed; run again to resume",
-                        path=self.source._where(plan.key, None),
+                        f"{shown}: file changed while being read (got {len(data)} bytes of {length} at offset "
+                        f"{block_start}); run again to resume",
+                        path=shown,
                     )
                 offset += length
                 view = memoryview(data)

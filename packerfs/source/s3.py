@@ -39,7 +39,7 @@ class S3Backend(Backend):
         use_versions = options.pop("versions", True)
         config = dict(options.pop("config_kwargs", None) or {})
         # Retries are ours (objects.RETRY_SECONDS, every failure worded), not botocore's on top.
-        config.setdefault("retries", {"max_attempts": 1})
+        config.setdefault("retries", {"total_max_attempts": 1})
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 120)
         self.fs = s3fs.S3FileSystem(
