@@ -142,6 +142,17 @@ def test_pack_verify_unpack_round_trip(store, identity, tmp_path, ipfs_car):
     assert again["files_packed"] == 0 and again["new_bins"] == [] and again["bytes_fetched"] == 0
     status = json.loads(packerfs("status", url, "-t", state, "--json").stdout)
     assert status["source"] == url and status["state"] == "ready"
+    if url.startswith("s3://") and "small/00/obj-00250" not in files:  # the versioned run: a rescan after changes
+        bucket = url.split("/")[2]
+        server.client().delete_object(Bucket=bucket, Key="data/set/read me.txt")
+        server.put_object(bucket, "data/set/a/x", b"changed")
+        changed = json.loads(packerfs("pack", url, out, "-t", state, "--recipient", recipient, "--bin-size", BIN,
+                                      "--json").stdout)
+        assert (changed["files_deleted"], changed["files_changed"], changed["files_packed"]) == (1, 1, 1)
+        files = {k: v for k, v in files.items() if k != "read me.txt"} | {"a/x": b"changed"}
+        again_restored = tmp_path / "again"
+        packerfs("unpack", out, again_restored, "--identity", key)
+        assert tree_of(again_restored) == expected_tree(files)
 
 
 def test_listing_order_is_canonical_and_needs_no_request_per_object(s3_proxy, env, tmp_path, monkeypatch):

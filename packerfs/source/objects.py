@@ -224,6 +224,14 @@ class ObjectSource(Source):
         self._kept: tuple[tuple, str] | None = None  # (walk arguments, spill file) of the last kept listing
         self._requests = asyncio.Semaphore(CONCURRENCY)  # only used on the backend's loop
         self.prefetch = _Prefetcher(self)
+        # Threads that list subdirectories ahead of the walk: made on first use, by the process
+        # that walks (a mount's workers are forked; a pool's threads do not survive a fork).
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _listers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(LISTINGS_AHEAD, thread_name_prefix="packerfs-list")
+        return self._pool
 
     # ---------------------------------------------------------------- calls
 
@@ -436,7 +444,7 @@ class ObjectSource(Source):
                     continue
                 ahead += 1
                 if child not in listings:
-                    listings[child] = _pool.submit(self._list, child)
+                    listings[child] = self._listers().submit(self._list, child)
 
         try:
             root = self._list(b"")
@@ -494,20 +502,21 @@ class ObjectSource(Source):
         return self.prefetch.stream(entry, start)
 
     def read_ahead(self, entries: Iterator[Entry], will_read: Callable[[Entry], bool]) -> Iterator[Entry]:
-        window: deque[Entry] = deque()
+        window: deque[tuple[Entry, int]] = deque()  # entries not yet handed on, with the bytes announced
         planned = 0
         for entry in entries:
-            window.append(entry)
+            size = 0
             if entry.kind == FILE and entry.size and will_read(entry):
                 self.prefetch.announce(entry)
-                planned += entry.size
+                size = entry.size
+            window.append((entry, size))
+            planned += size
             while window and (len(window) > AHEAD_FILES or planned > AHEAD_BYTES):
-                head = window.popleft()
-                if head.kind == FILE:
-                    planned -= min(planned, head.size) if self.prefetch.announced(head) else 0
+                head, counted = window.popleft()
+                planned -= counted
                 yield head
         while window:
-            yield window.popleft()
+            yield window.popleft()[0]
 
     def describe_change(self, relpath: bytes, fingerprint: Iterable) -> str:
         return "its bytes differ from the version listed"
@@ -519,10 +528,10 @@ class ObjectSource(Source):
     def close(self) -> None:
         self._drop_kept()
         self.prefetch.drop_all()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self.backend.close()
-
-
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=LISTINGS_AHEAD, thread_name_prefix="packerfs-list")
 
 
 class ObjectFile(SourceFile):
@@ -577,9 +586,6 @@ class _Prefetcher:
             if entry.path not in self.plans:
                 self.plans[entry.path] = _Plan(entry, self.source.parsed.key(entry.path), 0)
             self._fill()
-
-    def announced(self, entry: Entry) -> bool:
-        return entry.path in self.plans
 
     def _fill(self) -> None:
         for plan in self.plans.values():
