@@ -10,9 +10,8 @@
                   /dev/null and the log file) and returns in the caller once the
                   file system is mounted, or raises the daemon's one-line error.
 
-The scan runs in a plain thread so it can be joined before the index is
-closed; it is stopped by its progress callback raising ScanStopped at the next
-chunk it reads (what it had not sealed is redone, identically, next time).
+The engine, its workers and the background scan are packerfs.fs.service's
+PackService, which the HTTP gateway shares.
 """
 
 from __future__ import annotations
@@ -22,43 +21,16 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 from typing import Awaitable, Callable, Sequence
 
 from packerfs.errors import PackerfsError, UsageError
+from packerfs.fs.service import PackService
 from packerfs.index import lock as index_lock
 
 log = logging.getLogger("packerfs.fs")
 
 LOG_NAME = "mount.log"
-PROCESSES = max(2, min(4, os.cpu_count() or 2))  # worker processes regenerating bytes (packerfs.fs.workers)
-THREADS = 2  # threads regenerating bytes if every worker process died
-WINDOW = 1 << 20  # bytes regenerated per request to a worker (packerfs.fs.blocks)
-CACHE_BYTES = 64 << 20  # windows kept in memory
-LEAVES = 16  # verified leaves kept by each BinReader
-SCAN_JOIN_TIMEOUT = 30.0
 READAHEAD_KB = 1024
-
-
-class ScanStopped(BaseException):
-    """Raised inside the scan (through its progress callback) to stop it at unmount."""
-
-
-class _Progress:
-    """The scan's `advance` callback: counts bytes for the status file, and stops the scan on request."""
-
-    def __init__(self, state, stop: threading.Event):
-        self.state = state
-        self.stop = stop
-
-    def __call__(self, n: int) -> None:
-        if self.stop.is_set():
-            raise ScanStopped()
-        self.state.bytes_scanned += n
-
-    def set_total(self, total: int) -> None:
-        self.state.bytes_total = total
 
 
 # ---------------------------------------------------------------- checks
@@ -104,24 +76,7 @@ def _tune_readahead(mountpoint: str) -> None:
         log.info("read-ahead of %s left at the kernel's default (%s)", mountpoint, exc.strerror)
 
 
-def _stable_mtime(state_dir: str) -> int:
-    """Bins get the state directory's creation time (its dataset key's mtime): the same on every mount,
-    so `rsync -a` skips bins it already copied."""
-    from packerfs.crypt.secrets import DATASET_KEY_NAME
-
-    try:
-        return os.stat(os.path.join(state_dir, DATASET_KEY_NAME)).st_mtime_ns
-    except OSError:
-        return time.time_ns()
-
-
 # ---------------------------------------------------------------- serving
-
-
-def unwind_on_signals() -> None:
-    """Until trio takes the signals over, SIGTERM/SIGHUP unwind like SIGINT does, through the caller's finally."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)
 
 
 def serve_view(
@@ -171,86 +126,24 @@ def serve(
     log_path: str | None = None,
 ) -> int:
     """Mount the pack view of the engine at `mountpoint` and serve it until unmounted or signalled."""
-    import trio
-
-    from packerfs.fs.blocks import WindowCache
-    from packerfs.fs.packview import PackView, ViewState
-    from packerfs.fs.workers import ProcessReaders, ThreadReaders, bin_readers
-    from packerfs.pack.reader import BinReader
+    from packerfs.fs.packview import ROOT, PackView
+    from packerfs.pack.writer import car_name
 
     check_mountpoint(mountpoint)
-    lock_fd = lock_state(state_dir, mountpoint)
-    # Forked first: before the index is opened, any thread started or /dev/fuse opened.
-    open_reader, encode = bin_readers(open_engine, LEAVES)
-    workers = ProcessReaders(open_reader, PROCESSES, WINDOW, encode) if PROCESSES else None
-    unwind_on_signals()
-    engine = None
-    scan = None
-    stop = threading.Event()
-    try:
-        engine = open_engine()
-        info = {
-            "source": engine.source.url,
-            "state_dir": engine.state_dir,
-            "mountpoint": mountpoint,
-            "pid": os.getpid(),
-            "log": log_path,
-            "bin_size": engine.bin_size,
-            "cipher": engine.cipher.name,
-        }
-        state = ViewState(engine.bins(), info, _stable_mtime(engine.state_dir))
-        reader = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=LEAVES)
-        threads = ThreadReaders(reader, THREADS)
-        if workers is not None:
-            workers.open_engines()
-            workers.fallback = threads
-        cache = WindowCache(
-            (workers or threads).read, window=WINDOW, capacity=CACHE_BYTES // WINDOW, serialize=workers is None
-        )
-        view = PackView(state, cache)
 
-        async def start_scan(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            """The scan starts once the session exists (its end may invalidate names in the kernel)."""
-            nonlocal scan
-            scan = threading.Thread(
-                target=_scan, args=(engine, state, stop, skip_unreadable, repack_below), name="packerfs-scan", daemon=True
-            )
-            scan.start()
-            task_status.started()
+    def forget(numbers: list[int]) -> None:
+        import pyfuse3
 
-        log.info(
-            "mounting %s at %s: %d sealed bins visible, %d worker processes, state %s",
-            engine.source.url, mountpoint, len(state.bins), PROCESSES, engine.state_dir,
-        )
-        # The scan thread is busy in Python; let the FUSE loop have the GIL back sooner than every 5 ms.
-        sys.setswitchinterval(0.001)
-        serve_view(
-            view, mountpoint, allow_other=allow_other, ready=ready,
-            services=[cache.run, *([workers.run] if workers is not None else []), start_scan],
-        )
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_IGN)  # let the cleanup below finish
-        stop.set()
-        if workers is not None:
-            workers.close()
-        if scan is not None:
-            scan.join(SCAN_JOIN_TIMEOUT)
-        if engine is not None:
-            if scan is not None and scan.is_alive():
-                log.warning("the scan did not stop within %d s; leaving it (the next run resumes it)", SCAN_JOIN_TIMEOUT)
-            else:
-                engine.close()
-        os.close(lock_fd)
+        for number in numbers:
+            pyfuse3.invalidate_entry_async(ROOT, car_name(number).encode(), ignore_enoent=True)
+
+    with PackService(
+        open_engine, state_dir, mountpoint, skip_unreadable=skip_unreadable, repack_below=repack_below,
+        info={"mountpoint": mountpoint, "log": log_path}, on_retired=forget,
+    ) as service:
+        serve_view(PackView(service.state, service.cache), mountpoint, allow_other=allow_other, ready=ready,
+                   services=service.services)
     return 0
-
-
-class _Interrupted(KeyboardInterrupt):
-    pass
-
-
-def _raise_interrupt(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
 
 
 async def _main(mountpoint: str, services: list, on_hangup) -> None:
@@ -286,52 +179,6 @@ async def _watch_signals(nursery, on_hangup) -> None:
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
-
-
-def _scan(engine, state, stop: threading.Event, skip_unreadable: bool, repack_below: float | None = None) -> None:
-    import pyfuse3
-
-    from packerfs.fs.packview import ROOT
-    from packerfs.pack.writer import car_name
-
-    try:
-        report = engine.scan(
-            skip_unreadable=skip_unreadable, advance=_Progress(state, stop), on_seal=state.sealed,
-            repack_below=repack_below,
-        )
-    except ScanStopped:
-        log.info("scan stopped at unmount; the next mount or pack resumes it")
-        return
-    except PackerfsError as exc:
-        log.error("scan failed: %s", exc)
-        state.failed(f"scan failed: {exc}")
-        return
-    except Exception as exc:  # noqa: BLE001 - the sealed bins keep serving; the failure is in status and log
-        log.exception("scan failed")
-        state.failed(f"scan failed: {type(exc).__name__}: {exc}")
-        return
-    problems = [f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in report.problems]
-    gone = state.finished(engine.bins(), problems)
-    for number in gone:
-        pyfuse3.invalidate_entry_async(ROOT, car_name(number).encode(), ignore_enoent=True)
-    for path in report.changed_paths:
-        log.info("%s changed since an earlier scan: its new version is in new bins", os.fsdecode(path))
-    for path in report.deleted_paths:
-        log.info("%s was deleted from the source: the new snapshot no longer lists it", os.fsdecode(path))
-    if report.snapshot:
-        log.info("sealed snapshot %d in bins %s", report.snapshot["id"], report.snapshot["bins"])
-    if report.retired_bins:
-        log.info("retired bins (nothing in them is needed any more, now hidden): %s", report.retired_bins)
-    if state.unavailable_bins:
-        log.warning(
-            "bins %s are still needed but also hold data that has since changed or been deleted: reads of "
-            "those ranges fail; keep the copies made earlier, or mount with --repack-below 1",
-            sorted(state.unavailable_bins),
-        )
-    log.info(
-        "scan finished: %d new bins, %d files packed, %d unchanged, %d bytes read; %d bins visible",
-        len(report.bins_sealed), report.files_placed, report.skipped, report.bytes_read, len(state.bins),
-    )
 
 
 # ---------------------------------------------------------------- daemon

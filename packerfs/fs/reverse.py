@@ -287,7 +287,8 @@ def serve_reverse(
     log_path: str | None = None,
 ) -> int:
     """Mount the reverse view of `cars` at `mountpoint`; serve until unmounted or signalled."""
-    from packerfs.fs.daemon import PROCESSES, WINDOW, check_mountpoint, lock_state, serve_view, unwind_on_signals
+    from packerfs.fs.daemon import check_mountpoint, lock_state, serve_view
+    from packerfs.fs.service import PROCESSES, WINDOW, unwind_on_signals
     from packerfs.fs.reverseview import ReverseState, ReverseView
     from packerfs.fs.workers import ProcessReaders
     from packerfs.unpack.lmdb_index import CarIndexStore
