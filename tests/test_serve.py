@@ -310,3 +310,29 @@ def test_tls(packed, tmp_path):
         assert g.url.startswith("https://")
         got = run_tool(curl, "-sfS", "--cacert", cert, f"{g.url}/piece/{row['piece_cid']}", check=True).stdout
         assert got == (out / row["car_file"]).read_bytes()
+
+
+@pytest.mark.fuse
+def test_serve_beside_a_mount_of_the_same_state(tmp_path):
+    """The mount owns the state and scans; the gateway follows what it seals and serves the same bytes."""
+    from test_mount import mount
+
+    src = tmp_path / "src"
+    write_random(src / "one", 9 * MiB, 1)
+    write_random(src / "two", 5 * MiB, 2)
+    options = ["--no-encryption", "--bin-size", BIN]
+    state = tmp_path / "state"
+    with mount(src, tmp_path / "mnt", state, *options) as m:
+        with gateway(src, state, tmp_path, *options) as g:
+            m.wait_ready()
+            cars = {name: (m.mnt / name).read_bytes() for name in m.cars()}
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = json.loads(g.get("/status")[2])
+                if status["cars"] == sorted(cars):
+                    break
+                time.sleep(0.2)
+            assert status["state"] == "following" and status["cars"] == sorted(cars)
+            rows = {r["car_file"]: r for r in csv.DictReader(g.get("/manifest.csv")[2].decode().splitlines())}
+            for name, data in cars.items():
+                assert g.get(f"/piece/{rows[name]['piece_cid']}")[2] == data

@@ -104,6 +104,14 @@ class ViewState:
             self._show(result)
             self.changed_ns = time.time_ns()
 
+    def settle_all(self, bins: list[dict]) -> list[int]:
+        """Show or hide bins by their statuses now; returns the shown bins now hidden (retired)."""
+        with self.lock:
+            gone = [result["bin"] for result in bins if self._settle(result)]
+            if gone:
+                self.changed_ns = time.time_ns()
+        return gone
+
     def finished(self, bins: list[dict], problems: list[str]) -> list[int]:
         """Scan thread: the scan is done. Returns the shown bins it retired, now hidden."""
         gone = []

@@ -30,6 +30,7 @@ WINDOW = 1 << 20  # bytes regenerated per request to a worker (packerfs.fs.block
 CACHE_BYTES = 64 << 20  # windows kept in memory
 LEAVES = 16  # verified leaves kept by each BinReader
 SCAN_JOIN_TIMEOUT = 30.0
+FOLLOW_SECONDS = 2.0  # how often a follower (see PackService) looks for bins sealed by the state's owner
 
 
 class ScanStopped(BaseException):
@@ -76,10 +77,15 @@ class PackService:
         repack_below: float | None = None,
         info: dict | None = None,
         on_retired: Callable[[list[int]], None] = lambda numbers: None,
+        follow: bool = False,
     ):
         """`serving` names what is served (a mount point, a listen address) for the lock and the logs;
         `info` adds facts to the status; `on_retired` is called from the scan thread with the bins the
-        scan retired (now hidden)."""
+        scan retired (now hidden).
+
+        With `follow`, a state already held by another process (a mount, a pack) is not refused:
+        this service then only serves, scanning nothing itself, and shows the bins the owner seals
+        as they reach the index (the index takes any number of readers)."""
         self.open_engine = open_engine
         self.state_dir = state_dir
         self.serving = serving
@@ -92,6 +98,8 @@ class PackService:
         self.stop = threading.Event()
         self.workers = None
         self.lock_fd: int | None = None
+        self.follow = follow
+        self.following: str | None = None  # the owner's lock message, when following
 
     def __enter__(self) -> "PackService":
         from packerfs.fs.blocks import WindowCache
@@ -100,7 +108,15 @@ class PackService:
         from packerfs.index import lock as index_lock
         from packerfs.pack.reader import BinReader
 
-        self.lock_fd = index_lock.lock_state(self.state_dir, f"serving {self.serving}")
+        from packerfs.errors import UsageError
+
+        try:
+            self.lock_fd = index_lock.lock_state(self.state_dir, f"serving {self.serving}")
+        except UsageError as exc:
+            if not self.follow:
+                raise
+            self.following = str(exc)
+            log.info("%s: serving its sealed bins without scanning, and following what its owner seals", exc)
         try:
             # Forked first: before the index is opened, any thread started or /dev/fuse opened.
             open_reader, encode = bin_readers(self.open_engine, LEAVES)
@@ -145,6 +161,19 @@ class PackService:
         import trio
 
         task_status = task_status or trio.TASK_STATUS_IGNORED
+        if self.following is not None:
+            self.state.state = "following"
+            task_status.started()
+            while True:  # cancelled with the front end
+                await trio.sleep(FOLLOW_SECONDS)
+                bins = await trio.to_thread.run_sync(self.engine.bins)
+                known = {n for n in self.state.bins} | self.state.retired_bins
+                for result in bins:
+                    if result["bin"] not in known and result.get("status", "current") == "current":
+                        self.state.sealed(result)
+                gone = self.state.settle_all(bins)
+                if gone:
+                    self.on_retired(gone)
         self.scan = threading.Thread(target=self._scan, name="packerfs-scan", daemon=True)
         self.scan.start()
         task_status.started()

@@ -108,7 +108,7 @@ def serve_gateway(
     scheme = "https" if tls_cert else "http"
     with PackService(
         open_engine, state_dir, f"{scheme}://{listen}", skip_unreadable=skip_unreadable, repack_below=repack_below,
-        info={"listen": listen},
+        info={"listen": listen}, follow=True,
     ) as service:
         app = Gateway(service.state, service.cache, token=token, max_connections=max_connections)
         try:
