@@ -336,3 +336,21 @@ def test_serve_beside_a_mount_of_the_same_state(tmp_path):
             rows = {r["car_file"]: r for r in csv.DictReader(g.get("/manifest.csv")[2].decode().splitlines())}
             for name, data in cars.items():
                 assert g.get(f"/piece/{rows[name]['piece_cid']}")[2] == data
+
+
+def test_serve_an_object_store_source(s3_server, tmp_path, monkeypatch):
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.new_bucket("serve")
+    rng = random.Random(4)
+    for key, size in (("a/one", 3 * MiB), ("b", 6 * MiB), ("c", 1000)):
+        s3_server.put_object(bucket, key, rng.randbytes(size))
+    url = f"s3://{bucket}"
+    options = ["--no-encryption", "--bin-size", BIN]
+    out, state = tmp_path / "out", tmp_path / "state"
+    packerfs("pack", url, out, "-t", state, *options)
+    with gateway(url, state, tmp_path, *options) as g:
+        g.wait_ready()
+        for row in manifest(out):
+            assert g.get(f"/piece/{row['piece_cid_v2']}")[2] == (out / row["car_file"]).read_bytes()
+        assert json.loads(g.get("/status")[2])["source"] == url
