@@ -10,6 +10,7 @@ module per group of commands, each with a register(subparsers):
     mount     mount (and --reverse), umount
     serve     the HTTP piece gateway
     tools     commp, keygen
+    handoff   handoff (the files deal tools take: boost, curio, singularity, graphsplit)
     demo      the main job on a small generated data set
 """
 
@@ -21,7 +22,7 @@ import os
 import sys
 
 from packerfs import __version__
-from packerfs.commands import demo, mount, pack, serve, tools, unpack
+from packerfs.commands import demo, handoff, mount, pack, serve, tools, unpack
 from packerfs.commands.options import EPILOG
 from packerfs.errors import EXIT_ERROR, PackerfsError
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"packerfs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for group in (tools, pack, unpack, demo, mount, serve):
+    for group in (tools, pack, handoff, unpack, demo, mount, serve):
         group.register(commands)
     return parser
 

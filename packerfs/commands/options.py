@@ -29,11 +29,14 @@ def cipher_from_args(args: argparse.Namespace):
 
 def bin_size_from_args(args: argparse.Namespace) -> int:
     from packerfs.errors import UsageError
-    from packerfs.plan.sizes import DEFAULT_BIN_SIZE, check_bin_size, parse_size
+    from packerfs.plan.sizes import BIN_SIZE_PRESETS, DEFAULT_BIN_SIZE, check_bin_size, parse_size
 
     if not args.bin_size:
         return check_bin_size(DEFAULT_BIN_SIZE)
     text = args.bin_size
+    preset = BIN_SIZE_PRESETS.get(text.strip().lower())
+    if preset is not None:
+        return check_bin_size(preset)
     # No bin size we accept needs more than a few dozen characters; a longer one would make
     # int() exceed Python's digit limit (a ValueError) or print a huge message.
     shown = text if len(text) <= 40 else text[:40] + f"… ({len(text)} characters)"
@@ -41,8 +44,11 @@ def bin_size_from_args(args: argparse.Namespace) -> int:
         raise UsageError(f"--bin-size {shown!r}: too long for a size; use e.g. 8MiB, 1GB, 31.5GiB")
     try:
         size = parse_size(text)
-    except ValueError:
-        raise UsageError(f"--bin-size {shown!r}: cannot read it as a size; use e.g. 8MiB, 1GB, 31.5GiB") from None
+    except (ValueError, UsageError):
+        raise UsageError(
+            f"--bin-size {shown!r}: cannot read it as a size; use e.g. 8MiB, 1GB, 31.5GiB, "
+            f"or a preset: pdp, 32GiB-sector, 64GiB-sector"
+        ) from None
     return check_bin_size(size)
 
 
@@ -79,8 +85,9 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bin-size",
         metavar="SIZE",
-        help="hard ceiling on each CAR file's length, e.g. 32GiB, 31.5GiB, 8MiB, 1GB; "
-        "default 34091302912 (the payload of a 32 GiB sector); at most 68182605824 (64 GiB sector)",
+        help="hard ceiling on each CAR file's length, e.g. 32GiB, 31.5GiB, 8MiB, 1GB, or a preset: "
+        "32GiB-sector (34091302912, the most a 32 GiB sector takes: the default), 64GiB-sector "
+        "(68182605824, also the largest allowed), pdp (1065353216, the most a 1 GiB PDP piece takes)",
     )
     p.add_argument(
         "-r", "--recipient", action="append", metavar="R",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, open_engine
 from packerfs.progress import progress
@@ -74,10 +75,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
         "bytes_fetched": engine.source.bytes_fetched,  # from the source, this run: ~bytes_read (one read)
         "skipped": [{"path": os.fsdecode(p.path), "reason": p.reason} for p in report.problems],
     }
+    from packerfs.handoff import padding_warnings
+
+    result["padding_warnings"] = padding_warnings(bins)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         _print_pack_summary(result)
+    for line in result["padding_warnings"]:
+        print(f"packerfs: warning: {line}", file=sys.stderr)
     return EXIT_INCOMPLETE if skipped or written.unavailable else 0
 
 

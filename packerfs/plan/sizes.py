@@ -9,6 +9,14 @@ from packerfs.plan import costs
 
 SECTOR_32G_PAYLOAD = 32 * 2**30 * 127 // 128  # 34,091,302,912: the most a 32 GiB sector takes
 SECTOR_64G_PAYLOAD = 64 * 2**30 * 127 // 128  # 68,182,605,824
+# The PDP cap: the most a 1 GiB piece takes (1 GiB x 127/128), the largest piece PDP proves.
+PDP_PAYLOAD = 2**30 * 127 // 128  # 1,065,353,216
+# Names --bin-size takes besides sizes (matched without regard to case).
+BIN_SIZE_PRESETS = {
+    "pdp": PDP_PAYLOAD,
+    "32gib-sector": SECTOR_32G_PAYLOAD,
+    "64gib-sector": SECTOR_64G_PAYLOAD,
+}
 DEFAULT_BIN_SIZE = SECTOR_32G_PAYLOAD
 # One full leaf plus the fixed overhead of a bin (header, root, manifest, one link).
 MIN_BIN_SIZE = costs.file_bound(1 << 20) + 4096
