@@ -354,3 +354,27 @@ def test_serve_an_object_store_source(s3_server, tmp_path, monkeypatch):
         for row in manifest(out):
             assert g.get(f"/piece/{row['piece_cid_v2']}")[2] == (out / row["car_file"]).read_bytes()
         assert json.loads(g.get("/status")[2])["source"] == url
+
+
+def test_a_client_that_hangs_up_ends_its_transfer(packed, tmp_path):
+    """Nothing is regenerated for a client that left: its transfer ends and the log says so."""
+    src, state, out, options = packed
+    row = max(manifest(out), key=lambda r: int(r["car_size"]))
+    with gateway(src, state, tmp_path, *options) as g:
+        g.wait_ready()
+        host, port = g.url.split("//")[1].split(":")
+        conn = socket.create_connection((host, int(port)))
+        conn.sendall(f"GET /piece/{row['piece_cid']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert len(conn.recv(65536)) > 0
+        conn.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = json.loads(g.get("/status")[2])
+            if not status["transfers"]:
+                break
+            time.sleep(0.1)
+        assert status["transfers"] == []
+        time.sleep(0.5)
+    log = g.log.read_text()
+    line = [l for l in log.splitlines() if f"GET /piece/{row['piece_cid']}" in l][-1]
+    assert "CLIENT GONE" in line and int(re.search(r"bytes=(\d+)", line).group(1)) < int(row["car_size"]), line

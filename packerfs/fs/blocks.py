@@ -76,15 +76,24 @@ class WindowCache:
 
     # ------------------------------------------------------------ reads
 
-    async def read(self, key: Hashable, file_size: int, offset: int, size: int, *, sequential: bool = False):
-        """Bytes [offset, offset+size) of file `key` (clipped to `file_size`), as bytes or a memoryview."""
+    async def read(
+        self, key: Hashable, file_size: int, offset: int, size: int, *, sequential: bool = False,
+        ahead_until: int | None = None,
+    ):
+        """Bytes [offset, offset+size) of file `key` (clipped to `file_size`), as bytes or a memoryview.
+
+        `sequential`: also start fetching the next windows; none past `ahead_until` (a reader that
+        knows where it stops, e.g. an HTTP range, so a range's end costs no windows nobody asked for)."""
         end = min(offset + size, file_size)
         if offset >= end:
             return b""
         W = self.window
         first, last = offset // W, (end - 1) // W
         if sequential:
-            self._prefetch(key, file_size, last + 1, last + 1 + self.ahead)
+            stop = last + 1 + self.ahead
+            if ahead_until is not None:
+                stop = min(stop, -(-ahead_until // W))
+            self._prefetch(key, file_size, last + 1, stop)
         if first == last:
             data = await self._get(key, first, file_size)
             return memoryview(data)[offset - first * W : end - first * W]

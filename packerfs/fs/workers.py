@@ -52,6 +52,10 @@ _REPLY = struct.Struct("<BBQ")  # status, slot, length of the data or message in
 OK, CHANGED, FAILED, BROKEN = range(4)
 SLOTS = 2
 _MESSAGE_ROOM = 4096
+# Windows of one key within one span keep to one worker (they share leaves); other spans of the same
+# key (another HTTP range, another reader of the bin) go to the least loaded worker.
+AFFINITY_SPAN = 32 << 20
+_AFFINITY_ENTRIES = 4096
 
 
 class ThreadReaders:
@@ -303,16 +307,17 @@ class ProcessReaders:
                         worker.stream = None
 
     async def read(self, number: Hashable, offset: int, size: int) -> bytes:
-        worker = await self._acquire(number)
+        stream = (number, offset // AFFINITY_SPAN)
+        worker = await self._acquire(stream)
         if worker is None:
             return await self.fallback.read(number, offset, size)
-        worker.bins[number] = worker.bins.get(number, 0) + 1
+        worker.bins[stream] = worker.bins.get(stream, 0) + 1
         try:
             return await worker.call(READ, self.encode(number), offset, size)
         finally:
-            worker.bins[number] -= 1
-            if not worker.bins[number]:
-                del worker.bins[number]
+            worker.bins[stream] -= 1
+            if not worker.bins[stream]:
+                del worker.bins[stream]
             self._released.unpark_all()
 
     async def _acquire(self, number: Hashable) -> _Worker | None:
@@ -331,7 +336,10 @@ class ProcessReaders:
                 if free:
                     previous = self.affinity.get(number)
                     worker = min(free, key=lambda w: (w.load, w is not previous))
-                    self.affinity[number] = worker
+                    self.affinity.pop(number, None)
+                    self.affinity[number] = worker  # last: the oldest entries go first
+                    if len(self.affinity) > _AFFINITY_ENTRIES:
+                        del self.affinity[next(iter(self.affinity))]
                     return worker
             await self._released.park()
 

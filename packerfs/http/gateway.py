@@ -20,6 +20,8 @@ import urllib.parse
 from email.utils import formatdate
 from typing import Awaitable, Callable
 
+import trio
+
 from packerfs.pack.writer import car_name, manifest_csv, manifest_json
 
 log = logging.getLogger("packerfs.http")
@@ -107,13 +109,25 @@ class Gateway:
         started = time.monotonic()
         response = _Response(send, scope)
         try:
-            await self._handle(scope, response)
+            # The server drops what is sent after the client hangs up, and says so only through
+            # receive(): watch it, and stop regenerating the rest of the piece for nobody.
+            aborted = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, response, nursery.cancel_scope)
+                try:
+                    await self._handle(scope, response)
+                except _Abort as exc:
+                    aborted = exc  # raised bare below, not in the nursery's exception group: quiet_aborts() knows it
+                nursery.cancel_scope.cancel()
+            if aborted is not None:
+                raise aborted
         finally:
             client = scope.get("client") or ("-", 0)
             access.info(
                 '%s "%s %s" %s %s bytes=%d %.3fs%s', client[0], scope["method"], _target(scope), response.status,
                 response.range_text, response.sent, time.monotonic() - started,
-                " ABORTED (ended short; see the error above)" if response.aborted else "",
+                " ABORTED (ended short; see the error above)" if response.aborted else
+                " CLIENT GONE (hung up before the end)" if response.gone else "",
             )
 
     async def _lifespan(self, receive, send) -> None:
@@ -227,7 +241,8 @@ class Gateway:
             offset = start
             while offset < end:
                 try:
-                    data = await self.cache.read(number, size, offset, min(CHUNK, end - offset), sequential=True)
+                    data = await self.cache.read(number, size, offset, min(CHUNK, end - offset), sequential=True,
+                                                 ahead_until=end)
                 except Exception as exc:  # noqa: BLE001 - any failure ends this response short, never the server
                     self._read_failed(number, offset, exc)
                     response.aborted = True
@@ -271,6 +286,7 @@ class _Response:
         self.sent = 0
         self.range_text = ""
         self.aborted = False
+        self.gone = False
 
     async def start(self, status: int, headers: list) -> None:
         self.status = status
@@ -294,6 +310,13 @@ class _Response:
             self.sent += len(body)
         else:
             await self.finish()
+
+
+async def _watch_disconnect(receive, response: _Response, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    response.gone = True
+    scope.cancel()
 
 
 def _headers(scope) -> dict[str, str]:
