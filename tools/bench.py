@@ -8,6 +8,8 @@ because absolute times on shared machines are noisy.
     python tools/bench.py reverse [--file-size 1088MiB] [--set-size 10GiB]
     python tools/bench.py resume [--size 256MiB] [--at 0.9]
     python tools/bench.py snapshot [--files 100000]
+    python tools/bench.py source [--size 256MiB] [--count 3000] [--runs 3]
+    python tools/bench.py serve [--size 1GiB] [--runs 3]
 """
 
 import importlib
@@ -22,6 +24,8 @@ SUITES = {
     "reverse": "bench_reverse",
     "resume": "bench_resume",
     "snapshot": "bench_snapshot",
+    "source": "bench_source",
+    "serve": "bench_serve",
 }
 
 
