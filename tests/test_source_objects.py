@@ -417,3 +417,19 @@ def test_mount_serves_pack_bytes_and_an_overwritten_object_fails_its_bin_only(s3
     packerfs("unpack", out, restored)
     now = server.client().get_object(Bucket=bucket, Key="a/victim")["Body"].read()
     assert tree_of(restored) == {"a": "dir", "a/victim": now, "b": files["b"]}
+
+
+def test_empty_objects_leave_the_read_ahead_alone(s3_proxy, env, tmp_path):
+    """One GET per non-empty object, however the empty ones fall (an empty file once dropped the
+    whole read-ahead queue, and every later file was then fetched alone, some twice)."""
+    server = s3_proxy.server
+    bucket = server.new_bucket("empty")
+    rng = random.Random(9)
+    files = {f"d/{i:04d}": (b"" if i % 10 == 0 else rng.randbytes(rng.randrange(1, 4000))) for i in range(300)}
+    upload(server, bucket, files)
+    env(s3_proxy.env)
+    s3_proxy.reset_counters()
+    s3_proxy.history.clear()
+    packerfs("pack", f"s3://{bucket}", tmp_path / "out", "-t", tmp_path / "st", "--no-encryption")
+    gets = [e for e in s3_proxy.history if e.method == "GET" and "/d/" in e.target]
+    assert len(gets) == sum(1 for v in files.values() if v), len(gets)

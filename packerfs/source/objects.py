@@ -616,14 +616,19 @@ class _Prefetcher:
             self.plans.clear()
 
     def stream(self, entry: Entry, start: int) -> Iterator[bytes]:
+        if start >= entry.size:
+            return  # nothing to read (an empty file is never announced): leave the read-ahead alone
         with self.lock:
-            # Files announced before this one were not read after all (their records were kept): let go.
-            while self.plans:
-                path, plan = next(iter(self.plans.items()))
-                if path == entry.path:
-                    break
-                self._drop(plan)
-                del self.plans[path]
+            # Files announced before this one were not read after all (their records were kept): let
+            # go. Only if this one was announced: one that was not (a file continued from its seam)
+            # says nothing about the files announced after it.
+            if entry.path in self.plans:
+                while self.plans:
+                    path, plan = next(iter(self.plans.items()))
+                    if path == entry.path:
+                        break
+                    self._drop(plan)
+                    del self.plans[path]
             plan = self.plans.get(entry.path)
             if plan is not None and (plan.blocks[0][0] if plan.blocks else plan.next) != start:
                 self._drop(plan)

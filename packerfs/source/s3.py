@@ -17,7 +17,8 @@ from __future__ import annotations
 import calendar
 
 from packerfs.source.objects import (
-    BUCKET_MISSING, CHANGED, DENIED, MISSING, OTHER, THROTTLED, UNREACHABLE, Backend, Failure, Listed, ObjectUrl,
+    BUCKET_MISSING, CHANGED, CONCURRENCY, DENIED, MISSING, OTHER, THROTTLED, UNREACHABLE, Backend, Failure, Listed,
+    ObjectUrl,
 )
 
 PAGE = 1000
@@ -42,6 +43,8 @@ class S3Backend(Backend):
         config.setdefault("retries", {"total_max_attempts": 1})
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 120)
+        # botocore's pool holds 10 connections: fewer than the requests objects.py keeps in flight
+        config.setdefault("max_pool_connections", CONCURRENCY)
         self.fs = s3fs.S3FileSystem(
             skip_instance_cache=True, use_listings_cache=False, config_kwargs=config, **options
         )
