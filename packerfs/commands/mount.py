@@ -67,30 +67,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return cmd_mount_reverse(args)
     if args.identity or args.dataset or args.snapshot:
         raise UsageError("--identity, --dataset and --snapshot go with --reverse (mounting CARs as the original tree)")
-    from packerfs.commands.options import open_engine
+    from packerfs.commands.options import serving_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, serve
-    from packerfs.commands.options import source_options
-    from packerfs.pack import default_state_dir
-    from packerfs.source import open_source
 
-    source = open_source(args.source, source_options(args))  # a missing SRC or bucket is refused here
-    try:
-        mountpoint = os.path.abspath(args.mountpoint)
-        check_mountpoint(mountpoint)
-        state_dir = os.path.abspath(args.temp or default_state_dir(args.source))
-        args.temp = state_dir
-        # Now, before mounting (afterwards a stat of MNT is the mount's root); refuses MNT or STATE being SRC or above it.
-        excluded = source.excluded(("state directory", state_dir), ("mount point", mountpoint))
-        shown = source.url
-    finally:
-        source.close()
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    # Now, before mounting: afterwards a stat of MNT is the mount's root.
+    state_dir, shown, mount_engine = serving_engine(args, ("mount point", mountpoint))
     log_path = os.path.join(state_dir, LOG_NAME)
-
-    def mount_engine():
-        engine = open_engine(args)
-        engine.excluded |= excluded  # MNT and STATE inside SRC are left out of the scan
-        return engine
 
     def job(ready) -> int:
         return serve(

@@ -71,6 +71,35 @@ def open_engine(args: argparse.Namespace):
     return Engine.open(args.source, args.temp, cipher_from_args(args), bin_size_from_args(args), source_options(args))
 
 
+def serving_engine(args: argparse.Namespace, *inside) -> tuple[str, str, object]:
+    """For the long-running commands (mount, serve): check SRC now (a missing directory or bucket
+    is refused before anything starts), fix the state directory (args.temp), and give back
+    (state_dir, SRC as shown, open_engine) where open_engine() opens the engine with the state
+    and `inside` (more (what, path) pairs, e.g. the mount point) left out of the scan."""
+    import os
+
+    from packerfs.pack import default_state_dir
+    from packerfs.source import open_source
+
+    source = open_source(args.source, source_options(args))
+    try:
+        state_dir = os.path.abspath(args.temp or default_state_dir(args.source))
+        args.temp = state_dir
+        # refuses STATE (or a mount point) being SRC or above it
+        excluded = source.excluded(("state directory", state_dir), *inside)
+        shown = source.url
+    finally:
+        source.close()
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+
+    def engine():
+        opened = open_engine(args)
+        opened.excluded |= excluded
+        return opened
+
+    return state_dir, shown, engine
+
+
 def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o", "--source-option", action="append", metavar="KEY=VALUE",

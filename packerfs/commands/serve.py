@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from packerfs.commands.options import open_engine, source_options
+    from packerfs.commands.options import serving_engine
     from packerfs.http.server import configure_logging, serve_gateway
-    from packerfs.pack import default_state_dir
-    from packerfs.source import open_source
 
-    source = open_source(args.source, source_options(args))  # a missing SRC or bucket is refused here
-    try:
-        state_dir = os.path.abspath(args.temp or default_state_dir(args.source))
-        args.temp = state_dir
-        excluded = source.excluded(("state directory", state_dir))
-    finally:
-        source.close()
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-
-    def serve_engine():
-        engine = open_engine(args)
-        engine.excluded |= excluded
-        return engine
+    state_dir, _, serve_engine = serving_engine(args)
 
     def announce(url: str) -> None:
         print(f"packerfs: serving pieces at {url}/piece/{{piece CID}} (state {state_dir}); Ctrl-C stops", flush=True)
