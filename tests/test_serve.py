@@ -378,3 +378,25 @@ def test_a_client_that_hangs_up_ends_its_transfer(packed, tmp_path):
     log = g.log.read_text()
     line = [l for l in log.splitlines() if f"GET /piece/{row['piece_cid']}" in l][-1]
     assert "CLIENT GONE" in line and int(re.search(r"bytes=(\d+)", line).group(1)) < int(row["car_size"]), line
+
+
+def test_bad_serve_arguments_give_one_line(tmp_path):
+    src = tmp_path / "src"
+    write_random(src / "f", 100, 1)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        for extra, expected in (
+            (["--listen", f"127.0.0.1:{port}"], "Address already in use"),
+            (["--listen", "nowhere"], "HOST:PORT"),
+            (["--token-file", str(tmp_path / "absent")], "cannot read"),
+            (["--tls-cert", str(tmp_path / "c.pem")], "go together"),
+        ):
+            result = packerfs("serve", src, "-t", tmp_path / "state", "--no-encryption", *extra, check=False, timeout=60)
+            message = result.stderr.decode()
+            errors = [line for line in message.splitlines() if " INFO " not in line]
+            assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], message
+    finally:
+        taken.close()

@@ -113,9 +113,25 @@ def serve_gateway(
         app = Gateway(service.state, service.cache, token=token, max_connections=max_connections)
         try:
             trio.run(_main, app, config, service.services, scheme, announce)
-        except OSError as exc:
-            raise UsageError(f"--listen {listen}: cannot listen: {exc.strerror or exc}") from None
+        except (OSError, BaseExceptionGroup) as exc:
+            failed = _bind_error(exc)
+            if failed is None:
+                raise
+            raise UsageError(f"--listen {listen}: cannot listen: {failed.strerror or failed}") from None
     return 0
+
+
+def _bind_error(exc: BaseException) -> OSError | None:
+    """The OSError of a failed bind, bare or inside trio's exception groups (nothing else in them)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(OSError)
+        if matched is not None and rest is None:
+            while isinstance(matched, BaseExceptionGroup):
+                matched = matched.exceptions[0]
+            return matched
+    return None
 
 
 async def _main(app, config, services: list, scheme: str, announce: Callable[[str], None]) -> None:
