@@ -400,3 +400,23 @@ def test_bad_serve_arguments_give_one_line(tmp_path):
             assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], message
     finally:
         taken.close()
+
+
+def test_max_connections_caps_transfers(packed, tmp_path):
+    src, state, out, options = packed
+    row = max(manifest(out), key=lambda r: int(r["car_size"]))
+    with gateway(src, state, tmp_path, *options, "--max-connections", "1") as g:
+        g.wait_ready()
+        host, port = g.url.split("//")[1].split(":")
+        holder = socket.create_connection((host, int(port)))  # takes the one transfer and reads nothing
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        holder.sendall(f"GET /piece/{row['piece_cid']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        try:
+            deadline = time.monotonic() + 20
+            while not json.loads(g.get("/status")[2])["transfers"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status, headers, body = g.get(f"/piece/{row['piece_cid']}")
+            assert status == 503 and headers["retry-after"] == "5" and b"retry later" in body
+            assert g.get(f"/piece/{row['piece_cid']}", method="HEAD")[0] == 200  # HEAD sends no body: not capped
+        finally:
+            holder.close()
