@@ -300,11 +300,11 @@ class _Response:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def simple(self, status: int, text: str, headers: list = (), head: bool = False) -> None:
+        """A whole small response; text/plain unless `headers` name another type."""
         body = text.encode()
-        await self.start(status, [(b"content-type", b"text/plain; charset=utf-8"), *headers,
-                                  (b"content-length", str(len(body)).encode())]
-                         if not any(h[0] == b"content-type" for h in headers) else
-                         [*headers, (b"content-length", str(len(body)).encode())])
+        typed = any(name == b"content-type" for name, _ in headers)
+        plain = [] if typed else [(b"content-type", b"text/plain; charset=utf-8")]
+        await self.start(status, [*plain, *headers, (b"content-length", str(len(body)).encode())])
         if not head:
             await self.send({"type": "http.response.body", "body": body, "more_body": False})
             self.sent += len(body)
