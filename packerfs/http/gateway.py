@@ -107,7 +107,7 @@ class Gateway:
         if scope["type"] != "http":
             return
         started = time.monotonic()
-        response = _Response(send, scope)
+        response = _Response(send)
         try:
             # The server drops what is sent after the client hangs up, and says so only through
             # receive(): watch it, and stop regenerating the rest of the piece for nobody.
@@ -280,7 +280,7 @@ def quiet_aborts(logger: logging.Logger) -> None:
 
 
 class _Response:
-    def __init__(self, send: Callable[[dict], Awaitable[None]], scope):
+    def __init__(self, send: Callable[[dict], Awaitable[None]]):
         self.send = send
         self.status = 0
         self.sent = 0

@@ -379,7 +379,7 @@ class ObjectSource(Source):
             with os.fdopen(fd, "wb") as out:
                 # one pickle per record, so that neither side keeps a memo of the whole listing
                 for entry in entries:
-                    pickle.dump(("e", tuple(entry)), out, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump(("e", entry), out, protocol=pickle.HIGHEST_PROTOCOL)
                     yield entry
                 for problem in problems:
                     pickle.dump(("p", tuple(problem)), out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -399,10 +399,7 @@ class ObjectSource(Source):
                     except EOFError:
                         break
                     if kind == "e":
-                        entry = Entry(*values)
-                        if entry.kind == FILE:
-                            entry = entry._replace(fingerprint=ObjectFingerprint(*entry.fingerprint))
-                        yield entry
+                        yield values
                     else:
                         problems.append(ScanProblem(*values))
         finally:
