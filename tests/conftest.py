@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The object-store servers' fixtures (s3_server, azure_server, gcs_server, s3_proxy, …), for every test module.
-pytest_plugins = ["objstores"]
+# The object-store servers' fixtures (s3_server, azure_server, gcs_server, s3_proxy, …) and a real Dask
+# cluster (dask_scheduler), for every test module.
+pytest_plugins = ["objstores", "dask_cluster"]
 VECTORS = Path(__file__).resolve().parent / "vectors"
+# Seal in one process unless a test asks for workers: a LocalCluster per small multi-bin pack would
+# cost a second or two each. The parallel paths have their own tests (test_parallel.py).
+os.environ.setdefault("PACKERFS_WORKERS", "1")
 
 
 def load_vectors(name: str) -> dict:

@@ -10,6 +10,7 @@ because absolute times on shared machines are noisy.
     python tools/bench.py snapshot [--files 100000]
     python tools/bench.py source [--size 256MiB] [--count 3000] [--runs 3]
     python tools/bench.py serve [--size 1GiB] [--runs 3]
+    python tools/bench.py parallel [--size 2GiB] [--bin-size 256MiB] [--runs 2]
 """
 
 import importlib
@@ -26,6 +27,7 @@ SUITES = {
     "snapshot": "bench_snapshot",
     "source": "bench_source",
     "serve": "bench_serve",
+    "parallel": "bench_parallel",
 }
 
 

@@ -17,7 +17,7 @@ STATUS_FILE = ".packerfs-status"
 
 
 def register(commands) -> None:
-    from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options
+    from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, add_parallel_options
 
     p = commands.add_parser(
         "mount",
@@ -44,6 +44,7 @@ def register(commands) -> None:
     p.add_argument("--dataset", metavar="HEX", help="--reverse: use only the CARs of this data set (when several are mixed)")
     p.add_argument("--snapshot", metavar="ID", help="--reverse: show the tree of snapshot ID (default: the newest complete one)")
     add_pack_options(p)
+    add_parallel_options(p)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed in the status file)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount (FUSE allow_other)")
@@ -70,6 +71,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from packerfs.commands.options import serving_engine
     from packerfs.fs.daemon import LOG_NAME, check_mountpoint, serve
 
+    from packerfs.commands.options import pool_factory
+
+    make_pool = pool_factory(args)
     mountpoint = os.path.abspath(args.mountpoint)
     check_mountpoint(mountpoint)
     # Now, before mounting: afterwards a stat of MNT is the mount's root.
@@ -80,7 +84,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return serve(
             mount_engine, mountpoint, state_dir,
             allow_other=args.allow_other, skip_unreadable=args.skip_unreadable,
-            repack_below=args.repack_below, ready=ready,
+            repack_below=args.repack_below, ready=ready, pool_factory=make_pool,
             log_path=None if args.foreground else log_path,
         )
 

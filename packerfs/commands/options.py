@@ -143,6 +143,73 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parallel_options(p: argparse.ArgumentParser, *, collect: bool = False) -> None:
+    p.add_argument(
+        "--workers", metavar="N", type=positive_int,
+        help="seal bins in parallel on a Dask LocalCluster of N worker processes on this machine "
+        "(default: $PACKERFS_WORKERS, else the number of cores; 1 seals in this process). Used when the "
+        "plan has at least two bins to seal",
+    )
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="seal bins on an existing Dask cluster: tcp://HOST:PORT or tls://HOST:PORT (use tls:// off this "
+        "machine: the tasks carry the dataset secret and the keys, in memory only). The workers must reach SRC "
+        "at the same path or URL, and OUT unless --collect",
+    )
+    if collect:
+        p.add_argument(
+            "--collect", action="store_true",
+            help="with --scheduler: the workers send each CAR back to this machine, which writes it to OUT "
+            "(for workers that do not share OUT)",
+        )
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not at least 1")
+    return value
+
+
+def pool_factory(args: argparse.Namespace):
+    """What seals bins for this command: None (this process), or a factory of a Dask pool given the plan."""
+    import os
+
+    from packerfs.errors import UsageError
+
+    scheduler = getattr(args, "scheduler", None)
+    collect = getattr(args, "collect", False)
+    if scheduler and not scheduler.startswith(("tcp://", "tls://")):
+        raise UsageError(f"--scheduler {scheduler!r}: give the scheduler's address as tcp://HOST:PORT or tls://HOST:PORT")
+    if collect and not scheduler:
+        raise UsageError("--collect is for workers of a --scheduler cluster that do not share OUT")
+    workers = getattr(args, "workers", None)
+    if workers is None:
+        configured = os.environ.get("PACKERFS_WORKERS", "")
+        if configured:
+            try:
+                workers = positive_int(configured)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"PACKERFS_WORKERS: {exc}") from None
+        else:
+            workers = os.cpu_count() or 1
+    if not scheduler and workers <= 1:
+        return None
+
+    def make(plan):
+        # the last bin is sealed here (it takes the snapshot); a pool pays off from two bins on
+        if not scheduler and len(plan.bins) - 1 < 2:
+            return None
+        from packerfs.pack.parallel import Pool
+
+        return Pool(workers=workers, scheduler=scheduler, collect=collect)
+
+    return make
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)

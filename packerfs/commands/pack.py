@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, open_engine
+from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, add_parallel_options, open_engine, pool_factory
 from packerfs.progress import progress
 
 
@@ -24,6 +24,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if os.path.isdir(args.source):
         # before the lock or anything else is written: OUT or STATE being SRC or above it is refused
         excluded_paths(args.source, ("output directory", args.output), ("state directory", state_dir))
+    make_pool = pool_factory(args)  # a bad --scheduler is a usage error before anything is locked
     lock = lock_state(state_dir, f"packing {args.source if is_url(args.source) else os.path.abspath(args.source)}")
     engine = open_engine(args)
     try:
@@ -31,7 +32,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             # New bins are written while the source is read; write() below adds any sealed earlier.
             report = engine.scan(
                 skip_unreadable=args.skip_unreadable, advance=advance, car_dir=args.output,
-                repack_below=args.repack_below,
+                repack_below=args.repack_below, pool_factory=make_pool,
             )
         bins = engine.bins()
         total = sum(b["car_size"] for b in bins if bin_status(b) == "current")
@@ -56,6 +57,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 "payload_cid": b["root_cid"],
                 "status": bin_status(b),
                 "written": b["bin"] not in written.retired and b["bin"] not in written.unavailable,
+                "sealed_on": b.get("sealed_on"),  # the Dask worker's address; null: sealed by packerfs itself
             }
             for b in bins
         ],
@@ -147,6 +149,91 @@ def _print_pack_summary(result: dict) -> None:
         console.print(f"[yellow]skipped:[/] {printable(skip['path'])}: {skip['reason']}")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan SRC from its listing alone: the bins, what each holds, the totals; stored in the state."""
+    from packerfs.index.lock import lock_state
+    from packerfs.pack import default_state_dir
+    from packerfs.source import is_url
+
+    state_dir = args.temp or default_state_dir(args.source)
+    lock = lock_state(state_dir, f"planning {args.source if is_url(args.source) else os.path.abspath(args.source)}")
+    engine = open_engine(args)
+    try:
+        plan, problems = engine.plan(
+            skip_unreadable=args.skip_unreadable, repack_below=args.repack_below, files=args.files
+        )
+        summary = plan.summary()
+        engine.index.commit(meta=[(b"plan", {"source": engine.source.url, **summary, "table": plan.bins})])
+    finally:
+        engine.close()
+        os.close(lock)
+    fatal = [p for p in problems if p.fatal]
+    result = {
+        "source": engine.source.url,
+        "state_dir": engine.state_dir,
+        "bin_size": engine.bin_size,
+        **summary,
+        "table": [
+            {**row, "first": _shown(row["first"]), "last": _shown(row["last"])} for row in plan.bins
+        ],
+        "problems": [{"path": os.fsdecode(p.path), "reason": p.reason, "fatal": p.fatal} for p in problems],
+    }
+    if plan.files_assigned is not None:
+        result["files_assigned"] = [{"path": os.fsdecode(p), "bins": bins} for p, bins in plan.files_assigned]
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print_plan(result, args.all)
+    if fatal and not args.skip_unreadable:
+        print(
+            f"packerfs: error: {len(fatal)} source entr{'y' if len(fatal) == 1 else 'ies'} cannot be read "
+            f"(listed above); pack will refuse them unless --skip-unreadable",
+            file=sys.stderr,
+        )
+        return 1
+    from packerfs.errors import EXIT_INCOMPLETE
+
+    return EXIT_INCOMPLETE if fatal else 0
+
+
+def _shown(path) -> str | None:
+    from packerfs.unpack.verify import escape_name
+
+    return None if path is None else (escape_name(path) or ".")
+
+
+PLAN_ROWS = 40  # rows of the plan table shown without --all
+
+
+def _print_plan(result: dict, show_all: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result["table"]
+    table = Table(title=f"plan for {result['source']} (bins of at most {result['bin_size']:,} bytes)")
+    for column in ("bin", "entries", "file parts", "stream bytes", "CAR at most", "piece size", "from", "to"):
+        table.add_column(column, justify="left" if column in ("from", "to") else "right")
+    shown = rows if show_all or len(rows) <= PLAN_ROWS else rows[: PLAN_ROWS // 2] + rows[-PLAN_ROWS // 2 :]
+    for i, row in enumerate(shown):
+        if not show_all and len(rows) > PLAN_ROWS and i == PLAN_ROWS // 2:
+            table.add_row("…", f"{len(rows) - PLAN_ROWS} more (--all lists them)", "", "", "", "", "", "")
+        table.add_row(
+            str(row["bin"]), f"{row['entries']:,}", f"{row['file_parts']:,}", f"{row['stream_bytes']:,}",
+            f"{row['car_bound']:,}", f"{row['piece_size']:,}", row["first"] or "", row["last"] or "",
+        )
+    console = Console()
+    console.print(table)
+    pieces = ", ".join(f"{n} × {int(size):,}" for size, n in result["pieces"].items()) or "none"
+    console.print(
+        f"{result['entries']:,} entries ({result['files']:,} files, {result['bytes']:,} bytes): "
+        f"{result['kept']:,} unchanged since the last scan, {result['placed']:,} to place; "
+        f"{result['bytes_to_read']:,} bytes to read into {len(rows)} new bins (pieces: {pieces})"
+        + (f"; the snapshot goes in bin {', '.join(map(str, result['snapshot_bins']))}" if result["snapshot_bins"] else "")
+    )
+    for problem in result["problems"]:
+        console.print(f"[yellow]{'unreadable' if problem['fatal'] else 'skipped'}:[/] {problem['path']}: {problem['reason']}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from packerfs.index import Index
     from packerfs.pack import default_state_dir
@@ -156,6 +243,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         scan = index.get_meta(b"scan", {}) or {}
         identity = index.get_meta(b"identity", {}) or {}
+        plan = index.get_meta(b"plan", None)
         bins = sorted(index.all_bins(), key=lambda b: b["bin"])
     finally:
         index.close()
@@ -171,6 +259,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "unavailable_bins": [
             b["bin"] for b in bins if b.get("status", "current") == "current" and not b.get("regenerable", True)
         ],
+        # what the last plan (`packerfs plan`, or a scan's planning pass) decided, without its table
+        "plan": None if plan is None else {k: v for k, v in plan.items() if k != "table"},
     }
     if args.json:
         print(json.dumps(status, indent=1))
@@ -195,9 +285,28 @@ def register(commands) -> None:
     p.add_argument("source", metavar="SRC", help=SRC_HELP)
     p.add_argument("output", metavar="OUT")
     add_pack_options(p)
+    add_parallel_options(p, collect=True)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed; exit 3) instead of failing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_pack)
+
+    p = commands.add_parser(
+        "plan",
+        help="plan SRC from its listing alone: the bins, what each holds, the piece sizes",
+        description="Decide, from metadata alone (the listing and the sizes; no file is read), which bins a "
+        "pack of SRC would make: each bin's entries, file parts and stream bytes, the most its CAR can take "
+        "and its piece size, and the totals. Against a state that already holds sealed bins, it plans what "
+        "the next pack would add. The plan is stored in the state (`packerfs status` shows it); pack and "
+        "mount plan the same way, so they make exactly these bins as long as SRC does not change.",
+        epilog=EPILOG,
+    )
+    p.add_argument("source", metavar="SRC", help=SRC_HELP)
+    add_pack_options(p)
+    p.add_argument("--skip-unreadable", action="store_true", help="plan without the unreadable entries (listed; exit 3)")
+    p.add_argument("--all", action="store_true", help="list every bin (the table shows the first and last 20)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (every bin)")
+    p.add_argument("--files", action="store_true", help="with --json: also list the bins of every file and symlink")
+    p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("status", help="show the state of a scan", description="Show a state directory's scan state.")
     p.add_argument("source", metavar="SRC", nargs="?", default=".", help=SRC_HELP + " (default: .)")

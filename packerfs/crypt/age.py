@@ -101,7 +101,7 @@ from packerfs.crypt.age_identities import (
     load_identity_file,
     parse_identities,
 )
-from packerfs.crypt.age_primitives import _hkdf
+from packerfs.crypt.age_primitives import _hkdf, _hkdf_expand, _hkdf_prk
 from packerfs.crypt.age_recipients import (
     Recipient,
     SshEd25519Recipient,
@@ -178,6 +178,15 @@ def _derive(seed: bytes, label: bytes, length: int) -> bytes:
     return _hkdf(seed, b"", _DERIVE_INFO + label, length)
 
 
+_FILE_KEY_INFO = _DERIVE_INFO + b"file key"
+_NONCE_INFO = _DERIVE_INFO + b"payload nonce"
+_STANZA_INFOS = [_DERIVE_INFO + b"stanza " + i.to_bytes(4, "big") for i in range(16)]
+
+
+def _stanza_info(i: int) -> bytes:
+    return _STANZA_INFOS[i] if i < len(_STANZA_INFOS) else _DERIVE_INFO + b"stanza " + i.to_bytes(4, "big")
+
+
 @dataclass(frozen=True)
 class FileSecrets:
     """Everything random in one file version's stream, derived from its seed (see the module docstring)."""
@@ -190,9 +199,11 @@ class FileSecrets:
     def derive(cls, seed: bytes, recipients: Sequence[Recipient]) -> "FileSecrets":
         if len(seed) != SEED_SIZE:
             raise ValueError(f"the seed must be {SEED_SIZE} octets")
-        file_key = _derive(seed, b"file key", FILE_KEY_SIZE)
-        nonce = _derive(seed, b"payload nonce", NONCE_SIZE)
-        rands = [_derive(seed, b"stanza " + i.to_bytes(4, "big"), 32) for i in range(len(recipients))]
+        # Every derive(label, n) of one seed shares HKDF-Extract (the salt is empty): it is done once.
+        prk = _hkdf_prk(seed, b"")
+        file_key = _hkdf_expand(prk, _FILE_KEY_INFO, FILE_KEY_SIZE)
+        nonce = _hkdf_expand(prk, _NONCE_INFO, NONCE_SIZE)
+        rands = [_hkdf_expand(prk, _stanza_info(i), 32) for i in range(len(recipients))]
         return cls(file_key, nonce, build_header(recipients, file_key, rands))
 
 
@@ -494,10 +505,10 @@ class AgeCipher(Cipher):
             raise RuntimeError("age header length is not a pure function of the recipients")
         return fs
 
-    def new_file(self, plain_size: int, dataset_secret: bytes) -> AgeEncryptor:
+    def new_file(self, plain_size: int, dataset_secret: bytes, seed: bytes | None = None) -> AgeEncryptor:
         if plain_size < 0:
             raise ValueError("negative plaintext size")
-        seed = os.urandom(SEED_SIZE)
+        seed = os.urandom(SEED_SIZE) if seed is None else seed
         fs = self._secrets_of(seed)
         wrapped = _secrets.wrap(dataset_secret, seed, Params.wrap_context(plain_size, self._fingerprint))
         p = Params(plain_size, self._fingerprint, wrapped)

@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from packerfs.crypt.age_primitives import _B64_RE, _b64decode, _b64encode, _hkdf
+from packerfs.crypt.age_primitives import _B64_RE, _b64decode, _b64encode, _hkdf, _hmac_sha256
 from packerfs.crypt.base import RandomAccess
 from packerfs.errors import FormatError
 
@@ -23,7 +21,7 @@ MAX_HEADER_SIZE = 16 * 1024 * 1024
 
 
 def _header_mac(file_key: bytes, mac_input: bytes) -> bytes:
-    return hmac.new(_hkdf(file_key, b"", b"header"), mac_input, hashlib.sha256).digest()
+    return _hmac_sha256(_hkdf(file_key, b"", b"header"), mac_input)
 
 
 # --------------------------------------------------------------------------- stanzas
@@ -41,6 +39,8 @@ class Stanza:
 
     def encode(self) -> bytes:
         text = _b64encode(self.body)
+        if len(text) < 64:  # one short line (an X25519 or ssh-ed25519 stanza): the common case
+            return ("-> " + " ".join(self.args) + "\n" + text + "\n").encode("ascii")
         lines = [text[i : i + 64] for i in range(0, len(text), 64)]
         if not lines or len(lines[-1]) == 64:
             lines.append("")

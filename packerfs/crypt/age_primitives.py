@@ -50,7 +50,85 @@ def _b64decode(text: str | bytes) -> bytes:
     return raw
 
 
-def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+# HMAC-SHA256 and HKDF-SHA256 (RFC 2104, RFC 5869) on hashlib, byte for byte what `hmac` and
+# cryptography's HKDF compute (the tests compare them). Every new OpenSSL hash object costs a
+# provider fetch (~2 µs here), a copy of an existing one does not; with one file version costing
+# half a dozen HKDFs, that was a good part of each small file's time. So hash objects are only
+# ever copied from _SHA256, and a key's padded inner and outer states are kept (_hmac_pads) where
+# one key serves several messages. Nothing is cached across keys except the zero key's pads (the
+# empty salt of HKDF): a public constant.
+_SHA256 = hashlib.sha256()
+_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+def _sha256(data: bytes) -> bytes:
+    h = _SHA256.copy()
+    h.update(data)
+    return h.digest()
+
+
+def _hmac_pads(key: bytes):
+    """HMAC-SHA256's two keyed states for `key`: hash objects after (key ^ ipad) and (key ^ opad)."""
+    key = bytes(key)
+    if len(key) > _BLOCK:
+        key = _sha256(key)
+    key = key.ljust(_BLOCK, b"\0")
+    inner = _SHA256.copy()
+    inner.update(key.translate(_IPAD))
+    outer = _SHA256.copy()
+    outer.update(key.translate(_OPAD))
+    return inner, outer
+
+
+def _hmac_with(pads, message: bytes) -> bytes:
+    """HMAC-SHA256 of `message` under the key whose pads these are."""
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
+    return _hmac_with(_hmac_pads(key), message)
+
+
+_ZERO_KEY_PADS = _hmac_pads(b"")  # HKDF's salt when none is given: HashLen zero octets (RFC 5869 2.2)
+
+
+def _hkdf_prk(ikm: bytes, salt: bytes | None):
+    """HKDF-Extract, returned as the pads of the PRK (what every Expand step is keyed with)."""
+    pads = _hmac_pads(salt) if salt else _ZERO_KEY_PADS
+    return _hmac_pads(_hmac_with(pads, ikm))
+
+
+def _hkdf_expand(prk_pads, info: bytes, length: int = 32) -> bytes:
+    """HKDF-Expand with the PRK's pads (from _hkdf_prk)."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError(f"HKDF-SHA256 cannot derive {length} octets")
+    if length <= 32:
+        return _hmac_with(prk_pads, info + b"\x01")[:length]
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = _hmac_with(prk_pads, block + info + bytes([counter]))
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _hkdf(ikm: bytes, salt: bytes | None, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 (RFC 5869); an empty or absent salt is HashLen zero octets."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError(f"HKDF-SHA256 cannot derive {length} octets")
+    return _hkdf_expand(_hkdf_prk(bytes(ikm), salt), bytes(info), length)
+
+
+def _hkdf_reference(ikm: bytes, salt: bytes | None, info: bytes, length: int = 32) -> bytes:
+    """The same through cryptography's HKDF (what the tests check _hkdf against)."""
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 

@@ -133,6 +133,9 @@ class X25519Recipient(Recipient):
         self.public_key = public_key
         self._peer = X25519PublicKey.from_public_bytes(public_key)
 
+    def __reduce__(self):  # the key object does not pickle; its 32 bytes do (tasks sent to Dask workers)
+        return (type(self), (self.public_key,))
+
     @classmethod
     def from_string(cls, s: str) -> "X25519Recipient":
         hrp, data = bech32.decode(s)
@@ -203,6 +206,9 @@ class SshEd25519Recipient(Recipient):
             _x25519(os.urandom(32), self.x25519_public)
         except ValueError:
             raise ValueError("ssh-ed25519 key is a low-order point") from None
+
+    def __reduce__(self):  # rebuilt from its wire form on a Dask worker
+        return (type(self), (self.wire,))
 
     @property
     def fingerprint(self) -> str:

@@ -82,6 +82,10 @@ class Cipher(ABC):
 
     name: str  # "plain" | "age" | "openpgp"  (recorded in the manifest)
     suffix: str  # "" | ".age" | ".gpg"       (appended to stored names)
+    # Does sealing a part of a file need the stream's state at the end of the part before it? Not
+    # for age (independent STREAM chunks) or plain; yes for OpenPGP, whose CFB chain and MDC hash
+    # run through the whole message, so a split file's bins are sealed one after another.
+    parts_need_previous: bool = False
 
     @property
     @abstractmethod
@@ -93,8 +97,12 @@ class Cipher(ABC):
         """Stream length: a pure function of the plaintext size and the scheme."""
 
     @abstractmethod
-    def new_file(self, plain_size: int, dataset_secret: bytes) -> Encryptor:
-        """Start a new file version: fresh per-file secrets, wrapped under dataset_secret."""
+    def new_file(self, plain_size: int, dataset_secret: bytes, seed: bytes | None = None) -> Encryptor:
+        """Start a new file version: fresh per-file secrets, wrapped under dataset_secret.
+
+        `seed`: the version's 32-octet seed, when the caller draws it (see crypt.secrets.file_seed:
+        the pack derives each version's seed from one random seed per scan run, so that a bin sealed
+        again elsewhere, after a worker died, is byte-identical); by default a fresh random one."""
 
     @abstractmethod
     def open_stream(

@@ -692,6 +692,8 @@ class _OpenPGPStream:
 class OpenPGPCipher(Cipher):
     """OpenPGP (RFC 4880 SEIPD v1 + MDC) to one or more RSA / cv25519 recipients."""
 
+    parts_need_previous = True  # the CFB chain and the MDC hash run through the whole message
+
     name = "openpgp"
     suffix = ".gpg"
 
@@ -770,11 +772,14 @@ class OpenPGPCipher(Cipher):
             raise RuntimeError("OpenPGP PKESK length is not a pure function of the recipients")
         return session_key, rnd + rnd[-2:], header, bytes(found)
 
-    def new_file(self, plain_size: int, dataset_secret: bytes) -> Encryptor:
+    def new_file(self, plain_size: int, dataset_secret: bytes, seed: bytes | None = None) -> Encryptor:
         if plain_size < 0:
             raise ValueError("negative plaintext size")
+        given = seed
         while True:
-            seed = os.urandom(SEED_SIZE)
+            # a given seed that overflows is replaced by one derived from it, so the choice stays deterministic
+            seed = os.urandom(SEED_SIZE) if given is None else given
+            given = None if given is None else hashlib.sha256(b"packerfs next seed" + given).digest()
             try:
                 key, prefix, header, candidates = self.derive(seed)
                 break

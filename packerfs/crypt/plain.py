@@ -74,7 +74,7 @@ class PlainCipher(Cipher):
     def stream_size(self, plain_size: int) -> int:
         return plain_size
 
-    def new_file(self, plain_size: int, dataset_secret: bytes) -> PlainEncryptor:
+    def new_file(self, plain_size: int, dataset_secret: bytes, seed: bytes | None = None) -> PlainEncryptor:
         return PlainEncryptor(plain_size)
 
     def open_stream(self, params: bytes, plain_size: int, read_plain: ReadAt, dataset_secret: bytes) -> PlainStream:

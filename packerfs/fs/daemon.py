@@ -122,6 +122,7 @@ def serve(
     allow_other: bool = False,
     skip_unreadable: bool = False,
     repack_below: float | None = None,
+    pool_factory=None,
     ready: Callable[[], None] = lambda: None,
     log_path: str | None = None,
 ) -> int:
@@ -139,6 +140,7 @@ def serve(
 
     with PackService(
         open_engine, state_dir, mountpoint, skip_unreadable=skip_unreadable, repack_below=repack_below,
+        pool_factory=pool_factory,
         info={"mountpoint": mountpoint, "log": log_path}, on_retired=forget,
     ) as service:
         serve_view(PackView(service.state, service.cache), mountpoint, allow_other=allow_other, ready=ready,

@@ -75,6 +75,7 @@ class PackService:
         *,
         skip_unreadable: bool = False,
         repack_below: float | None = None,
+        pool_factory=None,
         info: dict | None = None,
         on_retired: Callable[[list[int]], None] = lambda numbers: None,
         follow: bool = False,
@@ -91,6 +92,7 @@ class PackService:
         self.serving = serving
         self.skip_unreadable = skip_unreadable
         self.repack_below = repack_below
+        self.pool_factory = pool_factory  # seals the scan's bins on Dask workers (commands.options.pool_factory)
         self.extra_info = dict(info or {})
         self.on_retired = on_retired
         self.engine = None
@@ -200,7 +202,7 @@ class PackService:
         try:
             report = engine.scan(
                 skip_unreadable=self.skip_unreadable, advance=_Progress(state, self.stop), on_seal=state.sealed,
-                repack_below=self.repack_below,
+                repack_below=self.repack_below, pool_factory=self.pool_factory,
             )
         except ScanStopped:
             log.info("scan stopped; the next mount, serve or pack resumes it")

@@ -50,12 +50,16 @@ class IndexMismatch(UsageError):
     pass
 
 
+_U32 = struct.Struct(">I").pack
+_U64 = struct.Struct(">Q").pack
+
+
 def u32(n: int) -> bytes:
-    return struct.pack(">I", n)
+    return _U32(n)
 
 
 def u64(n: int) -> bytes:
-    return struct.pack(">Q", n)
+    return _U64(n)
 
 
 def path_key(path: bytes) -> bytes:
@@ -188,6 +192,8 @@ class Index:
 
     def digests_of(self, version: int, first: int, count: int) -> bytes:
         """Digests of leaves [first, first+count) of a file version's stream."""
+        if count <= 0:
+            return b""  # no transaction for nothing (a file's first leaf asks for the empty prefix)
         out = bytearray()
         with self.env.begin() as txn:
             index = first
@@ -309,10 +315,11 @@ class Index:
         """
         generation = u32(self.generation)
         with self.env.begin(write=True) as txn:
-            for version, record in files:
-                txn.put(u64(version), pack_record(record), db=self.files)
-            for path, version in paths:
-                txn.put(path_key(path), u64(version) + generation, db=self.paths)
+            # The per-file rows go in through one cursor per database (putmulti: one call, not one per row).
+            if files:
+                txn.cursor(db=self.files).putmulti((_U64(version), pack_record(record)) for version, record in files)
+            if paths:
+                txn.cursor(db=self.paths).putmulti((path_key(path), _U64(version) + generation) for path, version in paths)
             for path in touched:
                 key = path_key(path)
                 raw = txn.get(key, db=self.paths)
@@ -320,8 +327,10 @@ class Index:
                     txn.put(key, bytes(raw[:8]) + generation, db=self.paths)
             for key in dropped:
                 txn.delete(key, db=self.paths)
-            for (version, chunk), data in digests:
-                txn.put(u64(version) + u32(chunk), data, db=self.digests)
+            if digests:
+                txn.cursor(db=self.digests).putmulti(
+                    (_U64(version) + _U32(chunk), data) for (version, chunk), data in digests
+                )
             for number, record in bins:
                 txn.put(u32(number), pack(record), db=self.bins)
             for number, fields in bin_updates:
@@ -330,8 +339,10 @@ class Index:
                     record = unpack(raw)
                     record.update(fields)
                     txn.put(u32(number), pack(record), db=self.bins)
-            for number, end, record in segments:
-                txn.put(u32(number) + u64(end), pack(record), db=self.segments)
+            if segments:
+                txn.cursor(db=self.segments).putmulti(
+                    (_U32(number) + _U64(end), pack(record)) for number, end, record in segments
+                )
             for key, value in meta:
                 txn.put(key, pack(value), db=self.meta)
 

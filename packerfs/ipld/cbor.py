@@ -31,18 +31,29 @@ class CBORTruncated(CBORError):
     """The data ends inside a value: a streaming reader should feed more and retry."""
 
 
+# Heads of every major type for 0..23, the common case (small ints, short strings, short lists).
+_SMALL_HEADS = tuple(tuple(bytes([(major << 5) | n]) for n in range(24)) for major in range(8))
+
+
 def _head(major: int, n: int) -> bytes:
+    if 0 <= n < 24:
+        return _SMALL_HEADS[major][n]
     if n < 24:
-        return bytes([(major << 5) | n])
+        return bytes([(major << 5) | n])  # negative: raises, as it always did
     if n < 0x100:
-        return bytes([(major << 5) | 24, n])
+        return bytes(((major << 5) | 24, n))
     if n < 0x10000:
-        return bytes([(major << 5) | 25]) + struct.pack(">H", n)
+        return _PACK_H(((major << 5) | 25) << 16 | n)[1:]
     if n < 0x100000000:
-        return bytes([(major << 5) | 26]) + struct.pack(">I", n)
+        return _PACK_Q(((major << 5) | 26) << 32 | n)[3:]
     if n < 0x10000000000000000:
-        return bytes([(major << 5) | 27]) + struct.pack(">Q", n)
+        return _HEAD_27[major] + _PACK_Q(n)
     raise CBORError("integer too large for CBOR")
+
+
+_PACK_H = struct.Struct(">I").pack  # a 2-byte argument packed with its initial byte: one call
+_PACK_Q = struct.Struct(">Q").pack
+_HEAD_27 = tuple(bytes([(major << 5) | 27]) for major in range(8))
 
 
 def _key_order(key: str) -> tuple[int, bytes]:
@@ -73,6 +84,60 @@ def encode(value: Any) -> bytes:
 
 
 def _encode(value: Any, out: bytearray) -> None:
+    # The exact built-in types first, by identity of their type (one dict-free test each); anything
+    # else (bool, Link, subclasses, bytearray, memoryview, tuples) takes the general path below,
+    # which is what decides the encoding: both give the same bytes.
+    kind = type(value)
+    if kind is int:
+        if 0 <= value < 24:
+            out.append(value)
+        else:
+            out += _head(0, value) if value >= 0 else _head(1, -1 - value)
+        return
+    if kind is bytes:
+        n = len(value)
+        out += _SMALL_HEADS[2][n] if n < 24 else _head(2, n)
+        out += value
+        return
+    if kind is str:
+        data = value.encode()
+        n = len(data)
+        out += _SMALL_HEADS[3][n] if n < 24 else _head(3, n)
+        out += data
+        return
+    if kind is list:
+        n = len(value)
+        out += _SMALL_HEADS[4][n] if n < 24 else _head(4, n)
+        for item in value:
+            # small non-negative ints and short byte strings inline: no call per item
+            kind = type(item)
+            if kind is int and 0 <= item < 0x10000000000000000:
+                out += _SMALL_HEADS[0][item] if item < 24 else _head(0, item)
+            elif kind is bytes and len(item) < 24:
+                out += _SMALL_HEADS[2][len(item)]
+                out += item
+            else:
+                _encode(item, out)
+        return
+    if kind is dict:
+        n = len(value)
+        out += _SMALL_HEADS[5][n] if n < 24 else _head(5, n)
+        for key, encoded_key in _sorted_keys(tuple(value)):
+            out += encoded_key
+            item = value[key]
+            kind = type(item)
+            if kind is int and 0 <= item < 0x10000000000000000:
+                out += _SMALL_HEADS[0][item] if item < 24 else _head(0, item)
+            elif kind is bytes and len(item) < 24:
+                out += _SMALL_HEADS[2][len(item)]
+                out += item
+            else:
+                _encode(item, out)
+        return
+    _encode_general(value, out)
+
+
+def _encode_general(value: Any, out: bytearray) -> None:
     if value is None:
         out.append(0xF6)
     elif value is True:

@@ -26,7 +26,14 @@ IDENTITY = 0x00
 MAX_IDENTITY_DIGEST = 128
 
 
+_SMALL_UVARINTS = tuple(bytes([n]) for n in range(0x80))
+
+
 def encode_uvarint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _SMALL_UVARINTS[n]
+    if 0x80 <= n < 0x4000:  # two bytes: every block and section length up to 16 KiB
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     if n < 0:
         raise ValueError("uvarint cannot encode a negative number")
     out = bytearray()
@@ -58,9 +65,15 @@ def decode_uvarint(buf: bytes | memoryview, pos: int = 0) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+_CID_PREFIXES = {codec: b"\x01" + encode_uvarint(codec) + b"\x12\x20" for codec in (RAW, DAG_PB, DAG_CBOR)}
+
+
 def cid_from_digest(codec: int, digest: bytes) -> bytes:
     """CIDv1 bytes for a sha2-256 digest."""
-    return b"\x01" + encode_uvarint(codec) + b"\x12\x20" + digest
+    prefix = _CID_PREFIXES.get(codec)
+    if prefix is None:
+        prefix = b"\x01" + encode_uvarint(codec) + b"\x12\x20"
+    return prefix + digest
 
 
 def make_cid(codec: int, data: bytes | memoryview) -> bytes:

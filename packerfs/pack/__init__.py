@@ -12,7 +12,7 @@ from packerfs.crypt import load_or_create_dataset_secret
 from packerfs.crypt.base import Cipher
 from packerfs.index import Index
 from packerfs.pack.reader import BinReader
-from packerfs.pack.scan import Scan, ScanReport
+from packerfs.pack.scan import Plan, Scan, ScanReport
 from packerfs.ipld import car
 from packerfs.pack.writer import already_written, bin_status, car_name, write_car, write_manifests
 from packerfs.source import Source, open_source, source_key
@@ -49,6 +49,7 @@ class Engine:
     # Source-relative paths the scan leaves out: packerfs's own state, output and mount point when
     # they lie inside the source (see exclude()).
     excluded: set[bytes] = field(default_factory=set)
+    source_options: dict | None = None  # the file-system options SRC was opened with (for Dask workers)
 
     @classmethod
     def open(
@@ -73,7 +74,7 @@ class Engine:
                 "recipients": sorted(cipher.recipients),
             }
         )
-        return cls(source, state_dir, cipher, bin_size, index, secret, excluded)
+        return cls(source, state_dir, cipher, bin_size, index, secret, excluded, source_options)
 
     def exclude(self, *others) -> None:
         """Leave these directories (paths, or (what, path) pairs) out of the scan if they lie inside
@@ -89,8 +90,13 @@ class Engine:
         on_seal: Callable[[dict], None] | None = None,
         car_dir: str | None = None,
         repack_below: float | None = None,
+        pool=None,
+        pool_factory=None,
     ) -> ScanReport:
         """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out.
+
+        `pool`: a packerfs.pack.parallel pool sealing bins on Dask workers (None: in this process), or
+        `pool_factory(plan)` making one once the plan is known (see packerfs.commands.options).
 
         The state directory, `car_dir` and anything added with exclude() are left out of the scan when
         they lie inside the source (one warning names them); `car_dir` being the source or containing
@@ -108,8 +114,25 @@ class Engine:
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
-            repack_below=repack_below, exclude=excluded,
+            repack_below=repack_below, exclude=excluded, source_options=self.source_options, pool=pool,
+            pool_factory=pool_factory,
         ).run()
+
+    def plan(
+        self, *, skip_unreadable: bool = False, repack_below: float | None = None, files: bool = False
+    ) -> tuple[Plan, list]:
+        """What a scan would do now, from metadata alone: (plan, source problems). Nothing is read or written.
+
+        `files`: also list each file's and symlink's bins (Plan.files_assigned)."""
+        planner = Scan(
+            self.source, self.index, self.cipher, self.secret, self.bin_size,
+            skip_unreadable=skip_unreadable, repack_below=repack_below, exclude=set(self.excluded),
+            dry=True, check_seams=False,
+        )
+        if files:
+            planner.plan_result.files_assigned = []
+        plan = planner.plan()
+        return plan, planner.report.problems
 
     def reader(self) -> BinReader:
         return BinReader(self.index, self.source, self.cipher, self.secret)

@@ -1,11 +1,21 @@
-"""The scan: one read of the source produces everything a bin needs.
+"""The scan: plan every bin from metadata, then seal the bins, here or on Dask workers.
 
-For every file it reads the plaintext once, encrypts it, cuts the stream into
-1 MiB leaves, hashes them, builds the UnixFS DAG, lays the bytes out in the
-current bin and feeds them to that bin's commP. When a bin is full it is
-sealed: directories, manifest and root are appended, the header is fixed up,
-and the bin's results, byte map, leaf digests and file records are committed to
-the index in one transaction. Nothing but the index is written.
+The walk is planned entry by entry from metadata alone (packerfs.plan.planner):
+which bin holds each entry and where a file is cut into parts, with bounds that
+hold for any content. Each planned bin is then a list of operations that a
+BinSealer (packerfs.pack.seal) carries out: it reads the bin's source ranges,
+encrypts, cuts 1 MiB leaves, hashes them, builds the UnixFS DAG, lays the bytes
+out and computes commP. With no pool the sealer runs in this process, fed as
+the plan is made (one read of the source, nothing held); with a Dask pool
+(packerfs.pack.parallel) each bin is a task, and this process, the
+coordinator, commits the results. Either way the coordinator alone writes the
+index, one transaction per bin, in bin order: after any interruption the index
+is exactly what a one-process scan would have left, so resuming works the same.
+
+A scan runs the planner twice over the same walk: a first pass that decides
+nothing for good but gives the totals (what will be read, how many bins: the
+progress bar's ETA, and the plan stored in the state for `packerfs status`),
+and the real one. `packerfs plan` runs the first pass alone.
 
 A scan against a state directory that already holds sealed bins skips every
 entry whose fingerprint matches its sealed record: that is how an interrupted
@@ -16,7 +26,8 @@ bins.
 A scan that changed anything (and the first one) ends with a data-set
 snapshot (packerfs/snapshot.py): every path the scan saw, each pointing at the
 bins that hold its current version, sealed into the scan's last bin (or a new
-one). From it follows each bin's status: *current* while it holds a file
+one). The bins holding it are sealed by the coordinator, which has the body.
+From it follows each bin's status: *current* while it holds a file
 version the snapshot uses, *retired* once it holds none. A current bin that
 also holds superseded data can no longer be generated from the source (that
 data is gone) but is still needed; --repack-below moves the live files out of
@@ -25,7 +36,6 @@ such bins so they can retire.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -35,53 +45,28 @@ from typing import Callable, Collection, Iterator
 
 from packerfs import manifest, snapshot
 from packerfs.crypt.base import Cipher
+from packerfs.crypt.secrets import file_seed, new_run_seed
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
-from packerfs.index.store import DIGEST, DIGESTS_PER_CHUNK, Index
-from packerfs.ipld.cid import RAW, cid_from_digest
-from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
-from packerfs.plan import costs
+from packerfs.index.store import DIGESTS_PER_CHUNK, Index
+from packerfs.ipld.unixfs import CHUNK_SIZE, symlink_block
+from packerfs.pack.seal import (
+    NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, SyncingFile, file_manifest_bound, name_in_car,
+    part_name, part_suffix,
+)
 from packerfs.pack.writer import car_name
-from packerfs.plan.layout import BinLayout
+from packerfs.piece import padded_size
+from packerfs.plan import costs
+from packerfs.plan.planner import PlanBin, sync_frames
 from packerfs.source.base import Source
 from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem
 
+__all__ = ["Scan", "ScanReport", "Plan", "NAME_MAX", "PART_SUFFIX_MAX", "name_in_car", "part_suffix"]
+
 log = logging.getLogger("packerfs.scan")
 
-# ".part" + two numbers of up to 12 digits + "of"
-PART_SUFFIX_MAX = 5 + 12 + 2 + 12
 # Flush finished segments and file records to the index every this many, so memory stays flat.
 SEGMENT_FLUSH = 4096
 PENDING_FLUSH = 2048
-
-
-NAME_MAX = 255  # bytes in one name: what stock tools (ipfs-car unpack) can write on POSIX systems
-# "~" and 16 hex digits of the full name's SHA-256: what stands for the cut-off end of a long name.
-SHORTENED_TAIL = 17
-
-
-def name_in_car(name: bytes, suffix: bytes) -> bytes:
-    """A file part's name inside a CAR: NAME + suffix, or, when that would exceed 255 bytes, a shortened
-    NAME~HASH16 + suffix (the start of NAME, cut on a UTF-8 character boundary, then "~" and the first 16
-    hex digits of SHA-256 of the whole NAME). The real name is in the manifest, so the scheme is
-    reversible; the hash keeps names that share a long prefix apart."""
-    if len(name) + len(suffix) <= NAME_MAX:
-        return name + suffix
-    keep = NAME_MAX - len(suffix) - SHORTENED_TAIL
-    head = name[:keep]
-    # don't cut a UTF-8 sequence in half: drop continuation bytes and the lead byte they belong to
-    while head and 0x80 <= head[-1] < 0xC0:
-        head = head[:-1]
-    if head and head[-1] >= 0xC0:
-        head = head[:-1]
-    return head + b"~" + hashlib.sha256(name).hexdigest()[:16].encode() + suffix
-
-
-def part_suffix(part: int, parts: int) -> bytes:
-    """`.part0002of0013`: sortable, zero-padded to at least four digits."""
-    if parts == 1:
-        return b""
-    width = max(4, len(str(parts)))
-    return b".part%0*dof%0*d" % (width, part, width, parts)
 
 
 @dataclass
@@ -99,6 +84,8 @@ class ScanReport:
     snapshot: dict | None = None  # the snapshot this scan sealed: id, entries, files, bytes, bins
     retired_bins: list[int] = field(default_factory=list)  # bins this scan retired
     problems: list[ScanProblem] = field(default_factory=list)
+    bytes_to_read: int = 0  # what the plan said this scan would read
+    plan: "Plan | None" = None
 
 
 # Paths listed by name in a report; the counts are always complete.
@@ -112,9 +99,10 @@ class _TreeSpill:
     and each bin's live files and bytes are kept alongside; memory is a counter per bin.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None):
+        """`path` None: count only (planning), nothing is written."""
         self.path = path
-        self.file = open(path, "wb")
+        self.file = open(path, "wb") if path is not None else None
         self.size = 0
         self.totals = {"entries": 0, "files": 0, "bytes": 0}
         self.newest = 0  # the snapshot's time: the newest mtime in the tree, so its bytes depend on the source alone
@@ -123,7 +111,8 @@ class _TreeSpill:
 
     def add(self, version: int, record: dict) -> None:
         encoded = snapshot.encode_entry(record, version)
-        self.file.write(encoded)
+        if self.file is not None:
+            self.file.write(encoded)
         self.size += len(encoded)
         self.newest = max(self.newest, record["mtime_ns"])
         self.totals["entries"] += 1
@@ -144,11 +133,58 @@ class _TreeSpill:
                 yield piece
 
     def close(self) -> None:
+        if self.file is None:
+            return
         self.file.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+@dataclass
+class Plan:
+    """What a planning pass decided: each bin with what it holds, and the totals."""
+
+    bins: list[dict] = field(default_factory=list)  # bin, entries, file_parts, stream_bytes, car_bound, piece_size, first, last
+    entries: int = 0  # paths in the walk
+    files: int = 0
+    bytes: int = 0  # plaintext bytes of every file in the walk
+    kept: int = 0  # entries whose sealed record still stands (nothing to read or place)
+    placed: int = 0  # entries (re)placed by this scan
+    files_placed: int = 0
+    bytes_to_read: int = 0  # plaintext the scan will read
+    snapshot_bins: list[int] = field(default_factory=list)
+    files_assigned: list | None = None  # (path, bins) of each file and symlink placed, when asked for
+
+    def summary(self) -> dict:
+        return {
+            "bins": len(self.bins), "entries": self.entries, "files": self.files, "bytes": self.bytes,
+            "kept": self.kept, "placed": self.placed, "files_placed": self.files_placed,
+            "bytes_to_read": self.bytes_to_read,
+            "stream_bytes": sum(b["stream_bytes"] for b in self.bins),
+            "car_bound": sum(b["car_bound"] for b in self.bins),
+            "pieces": {str(size): n for size, n in sorted(Counter(b["piece_size"] for b in self.bins).items())},
+            "snapshot_bins": self.snapshot_bins,
+        }
+
+
+@dataclass
+class BinWork:
+    """A planned bin on its way to the index: its operations (for a worker) or its live sealer,
+    and what the coordinator commits with it."""
+
+    number: int
+    ops: list = field(default_factory=list)
+    sealer: BinSealer | None = None
+    results: Results = field(default_factory=Results)
+    records: dict = field(default_factory=dict)  # version -> record, for every entry with a part here
+    ends: dict = field(default_factory=dict)  # version -> (leaves sealed once this bin is, last part here?)
+    paths: dict = field(default_factory=dict)  # path -> version, for the records that start here
+    state: dict | None = None  # the scan state committed with the bin (the counters as of its planning)
+    continues: bool = False  # its first part continues a stream whose state at the seam the previous bin gives
+    partial: str | None = None  # OUT/bin-N.car.partial, renamed once committed
+    planned_read: int = 0  # plaintext its parts stand for (what progress counts for it)
 
 
 class Scan:
@@ -166,6 +202,11 @@ class Scan:
         car_dir: str | None = None,
         repack_below: float | None = None,
         exclude: Collection[bytes] = (),
+        source_options: dict | None = None,
+        pool=None,
+        pool_factory: Callable | None = None,
+        dry: bool = False,
+        check_seams: bool = True,
     ):
         """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source).
 
@@ -174,31 +215,43 @@ class Scan:
 
         `exclude`: source-relative paths left out of the walk (packerfs's own output, state or
         mount point inside the source; see packerfs.source.excluded_paths).
+
+        `pool`: a packerfs.pack.parallel pool that seals bins on Dask workers (None: in this process);
+        or `pool_factory(plan)`, called once the plan is known, returns one (or None), which the scan
+        closes when it ends.
+        `dry`: plan only (see plan()); `check_seams`: when planning, read the last sealed leaf of a
+        file an interrupted scan left half placed, to see whether it can be continued (False: assume
+        so, and read nothing).
         """
         self.car_dir = car_dir
         self.exclude = frozenset(exclude)
         self.source = source
+        self.source_options = source_options
         self.index = index
         self.cipher = cipher
         self.secret = secret
         self.bin_size = bin_size
         self.skip_unreadable = skip_unreadable
+        self.repack_below = repack_below
         self.advance = advance or (lambda n: None)
         self.on_seal = on_seal or (lambda result: None)
+        self.pool = pool
+        self.pool_factory = pool_factory
+        self.dry = dry
+        self.check_seams = check_seams
         self.dataset = index.dataset
         self.recipients = list(cipher.recipients)
-        self.layout: BinLayout | None = None
+        self.bin: PlanBin | None = None  # the bin being planned
+        self.work: BinWork | None = None  # and what goes with it
         self.ancestors: list[Entry] = []  # directories above the entry being handled (root first)
-        # Records, paths and digests waiting to be written to the index. Finished
-        # ones are flushed in batches; a record only counts as packed once every
-        # bin it names is sealed, so flushing early never makes a lost bin look done.
-        self.pending_files: dict[int, dict] = {}
-        self.pending_paths: dict[bytes, int] = {}
-        self.pending_digests: list = []
         self.pending_touched: list[bytes] = []
-        self.pending_bin_updates: list[tuple[int, dict]] = []
+        self.last_params: dict = {}  # params at the end of the last sealed bin (the seam of a stream it cut)
+        self.carry = None  # the open stream the last bin sealed here cut (pack.seal.Carry)
+        self.seams_ok: dict[bytes, bool] = {}
+        self.seen_indexed = 0  # walked paths the index knew  # path -> can a half-placed file be continued (from planning)
         self.index_is_new = not index.latest_versions_exist()
         self.report = ScanReport()
+        self.plan_result = Plan()
         scan_state = index.get_meta(b"scan", {}) or {}
         self.next_version = scan_state.get("next_version", 1)
         self.next_bin = scan_state.get("next_bin", 1)
@@ -206,19 +259,48 @@ class Scan:
         # Something changed since the last snapshot (possibly in an interrupted earlier run).
         self.dirty = scan_state.get("dirty", True) or self.index_is_new
         self.generation = scan_state.get("generation", 0) + 1
-        index.generation = self.generation
+        if not dry:
+            index.generation = self.generation
         self.vacate = self._bins_to_vacate(repack_below) if repack_below is not None else set()
         self.tree: _TreeSpill | None = None
+        self.ctx = SealContext(
+            source.url, source_options, cipher, secret, new_run_seed(), self.dataset, bin_size
+        )
 
     # ================================================================ driver
 
-    def run(self) -> ScanReport:
+    def _planner(self) -> "Scan":
+        return Scan(
+            self.source, self.index, self.cipher, self.secret, self.bin_size,
+            skip_unreadable=self.skip_unreadable, repack_below=self.repack_below, exclude=self.exclude,
+            dry=True, check_seams=self.check_seams,
+        )
+
+    def plan(self, *, keep: bool = False) -> Plan:
+        """Plan the whole walk from metadata (and the index): nothing is read, nothing is written.
+
+        The source's problems are in self.report.problems. `keep`: the source keeps the listing for
+        the scan that follows (one listing per scan)."""
+        if not self.dry:
+            raise AssertionError("plan() is the planning pass of a dry Scan")
         problems: list[ScanProblem] = []
-        total = 0
-        for entry in self.source.walk(problems, exclude=self.exclude, keep=True):
-            if entry.path == b"" or entry.kind != FILE:
-                continue
-            total += entry.size
+        self.report.problems = problems
+        self.tree = _TreeSpill(None)
+        plan = self.plan_result
+        for entry in self.source.walk(problems, exclude=self.exclude, keep=keep):
+            self._visit(entry)
+            plan.entries += 1
+            if entry.kind == FILE:
+                plan.files += 1
+                plan.bytes += entry.size
+        self._finish_plan()
+        return plan
+
+    def run(self) -> ScanReport:
+        planner = self._planner()
+        plan = planner.plan(keep=True)
+        problems = planner.report.problems
+        self.seams_ok = planner.seams_ok
         fatal = [p for p in problems if p.fatal]
         if fatal and not self.skip_unreadable:
             listing = "; ".join(f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in fatal)
@@ -229,39 +311,59 @@ class Scan:
         for p in problems:
             log.warning("%s: %s", self.source.display(p.path), p.reason)
         self.report.problems = problems
-        self.report.bytes_total = total
+        self.report.bytes_total = plan.bytes
+        self.report.bytes_to_read = plan.bytes_to_read
+        self.report.plan = plan
         set_total = getattr(self.advance, "set_total", None)
         if set_total is not None:
-            set_total(total)
+            set_total(plan.bytes_to_read)
+        self.index.commit(meta=[(b"plan", {"source": self.source.url, **plan.summary(), "table": plan.bins})])
         self._save_state("scanning")
 
         self.tree = _TreeSpill(os.path.join(self.index.state_dir, "snapshot.spill"))
+        owned = None
         try:
+            if self.pool is None and self.pool_factory is not None:
+                self.pool = owned = self.pool_factory(plan)
+            if self.pool is not None:
+                self.pool.advance = self.advance  # progress as workers read, and a way to stop the wait
             self._scan_all()
         finally:
+            if owned is not None:
+                self.pool = None
+                owned.close()
             self.tree.close()
-            if self.layout is not None:
-                self.layout.abandon()
-                self.layout = None
+            if self.work is not None and self.work.sealer is not None:
+                self.work.sealer.abandon()
+            if self.carry is not None:
+                self.carry.close()
+            self.bin = self.work = None
+        if [b["bin"] for b in plan.bins] != [b["bin"] for b in self.plan_result.bins]:
+            log.info("the source changed between the planning pass and the scan; the scan's plan is the one used")
         return self.report
 
     def _scan_all(self) -> None:
         late: list[ScanProblem] = []
         entries = self.source.walk(late, exclude=self.exclude, replay=True)
-        for entry in self.source.read_ahead(entries, self._will_read):
-            if entry.path == manifest.DIRNAME:
-                raise UsageError(
-                    f"{self.source.display(entry.path)}: this name is reserved for packerfs's own "
-                    f"metadata in each CAR; rename it"
-                )
-            while self.ancestors and not _is_ancestor(self.ancestors[-1].path, entry.path):
-                self.ancestors.pop()
-            self._handle(entry)
-            if entry.kind == DIR:
-                self.ancestors.append(entry)
+        if self.pool is None:  # the sealer reads here, in walk order: let the source fetch ahead
+            entries = self.source.read_ahead(entries, self._will_read)
+        for entry in entries:
+            self._visit(entry)
         self._late_problems(late)
         self._finish()
         self._save_state("ready")
+
+    def _visit(self, entry: Entry) -> None:
+        if entry.path == manifest.DIRNAME:
+            raise UsageError(
+                f"{self.source.display(entry.path)}: this name is reserved for packerfs's own "
+                f"metadata in each CAR; rename it"
+            )
+        while self.ancestors and not _is_ancestor(self.ancestors[-1].path, entry.path):
+            self.ancestors.pop()
+        self._handle(entry)
+        if entry.kind == DIR:
+            self.ancestors.append(entry)
 
     def _earlier(self, entry: Entry) -> tuple[int | None, dict | None, bool, bool]:
         """(version, record, same, moving): the entry's latest record, whether the entry is still that
@@ -290,14 +392,19 @@ class Scan:
 
     def _handle(self, entry: Entry) -> None:
         version, record, same, moving = self._earlier(entry)
+        if version is not None:
+            self.seen_indexed += 1
         if self._kept(record, same, moving):
             self.report.skipped += 1
+            self.plan_result.kept += 1
             self.tree.add(version, record)
-            self.pending_touched.append(entry.path)
-            if len(self.pending_touched) >= PENDING_FLUSH:
-                self._flush_finished()
+            if not self.dry:
+                self.pending_touched.append(entry.path)
+                if len(self.pending_touched) >= PENDING_FLUSH:
+                    self._flush_touched()
             return
         self.dirty = True
+        self.plan_result.placed += 1
         if moving:
             self.report.repacked += 1
             same = False
@@ -308,122 +415,182 @@ class Scan:
         elif entry.kind == SYMLINK:
             self._place_symlink(entry)
         else:
-            self._place_file(entry, record if same else None)
+            self._place_file(entry, record if same else None, version)
 
     # ================================================================ bins
 
-    def _new_bin(self) -> None:
+    def _new_bin(self, *, here: bool = False) -> None:
+        """Open the next bin. Its sealer runs in this process unless a pool seals it (`here`: always here)."""
         number = self.next_bin
         self.next_bin += 1
-        sink = None
-        if self.car_dir is not None:
-            sink = SyncingFile(os.path.join(self.car_dir, car_name(number) + ".partial"))
-        self.layout = self._fresh_layout(number, sink)
-        self.index.clear_segments(number)
-
-    def _fresh_layout(self, number: int, sink=None, *, hashing: bool = True) -> BinLayout:
-        layout = BinLayout(
-            number, self.bin_size, self.dataset, self.cipher.name, self.recipients, sink, hashing=hashing
-        )
-        root = layout.open_frame(b"", b"")
-        layout.budget.add_link(root, len(manifest.DIRNAME))
-        return layout
-
-    def _chain(self) -> list[Entry]:
-        return self.ancestors
-
-    def _sync_frames(self, layout: BinLayout, chain: list[Entry]) -> None:
-        """Make the layout's open directories exactly `chain` (root first), closing and opening frames."""
-        keep = 0
-        frames = layout.frames
-        # frames[0] is the root, matched by chain[0] (the root entry, path b"")
-        while keep + 1 < len(frames) and keep + 1 < len(chain) and frames[keep + 1].path == chain[keep + 1].path:
-            keep += 1
-        while len(frames) > keep + 1:
-            layout.close_frame()
-        if len(frames) == 1 and not _has_dir_entry(layout, b""):
-            self._add_dir_entry(layout, chain[0])
-        for dir_entry in chain[keep + 1 :]:
-            layout.open_frame(dir_entry.path, dir_entry.name)
-            self._add_dir_entry(layout, dir_entry)
-
-    def _add_dir_entry(self, layout: BinLayout, dir_entry: Entry) -> None:
-        entry = _manifest_base(dir_entry)
-        layout.add_manifest_entry(entry, manifest.entry_bound("dir", dir_entry.path))
-        layout.opened_dirs.add(dir_entry.path)
-
-    def _ensure_room(self, cost_of: Callable[[BinLayout], int], what: bytes) -> None:
-        """Open the chain for the next entry in the current bin, or in a new one if it does not fit."""
-        if self.layout is None:
-            self._new_bin()
-        self._sync_frames(self.layout, self._chain())
-        if cost_of(self.layout) <= self.layout.budget.available():
+        self.bin = PlanBin(number, self.bin_size, self.recipients, self.cipher.name)
+        if self.dry:
             return
-        if not self.layout.is_empty:
+        work = self.work = BinWork(number)
+        if self.car_dir is not None:
+            work.partial = os.path.join(self.car_dir, car_name(number) + ".partial")
+        if self.pool is None or here:
+            work.results.on_read = self.advance
+            self._start_sealer(work)
+
+    def _start_sealer(self, work: BinWork) -> None:
+        """Seal `work` in this process: its operations so far are applied, later ones as they are planned."""
+        self.index.clear_segments(work.number)  # what an interrupted scan left of this bin's byte map
+        sink = SyncingFile(work.partial) if work.partial is not None else None
+        work.sealer = BinSealer(
+            self.ctx, work.number, self.source, work.results, sink, seams=self.last_params, carry=self.carry
+        )
+        self.carry = None
+        ops, work.ops = work.ops, []
+        for op in ops:
+            work.sealer.apply(op)
+            self._flush_live(work)
+
+    def _op(self, op: tuple) -> None:
+        """Hand one operation to the bin being planned."""
+        if self.dry:
+            return
+        work = self.work
+        if work.sealer is None:
+            work.ops.append(op)
+            return
+        work.sealer.apply(op)
+        self._flush_live(work)
+
+    def _sync(self, chain: list[Entry]) -> None:
+        if sync_frames(self.bin, chain):
+            self._op(("sync", list(chain)))
+
+    def _ensure_room(self, cost_of: Callable[[PlanBin], int], what: bytes) -> None:
+        """Open the chain for the next entry in the current bin, or in a new one if it does not fit."""
+        if self.bin is None:
+            self._new_bin()
+        self._sync(self.ancestors)
+        if cost_of(self.bin) <= self.bin.budget.available():
+            return
+        if not self.bin.is_empty:
             self._seal()
             self._new_bin()
-            self._sync_frames(self.layout, self._chain())
-            if cost_of(self.layout) <= self.layout.budget.available():
+            self._sync(self.ancestors)
+            if cost_of(self.bin) <= self.bin.budget.available():
                 return
         raise UsageError(
             f"bin size {self.bin_size} is too small to hold {os.fsdecode(what) or '.'} with its CAR overhead; "
             f"use a larger --bin-size"
         )
 
+    def _fresh_bin(self) -> PlanBin:
+        return PlanBin(0, self.bin_size, self.recipients, self.cipher.name)
+
     def _seal(self) -> None:
-        layout = self.layout
-        result = layout.seal()
-        segments = layout.take_segments()
-        files = list(self.pending_files.items())
+        """The bin being planned is complete: seal it here, or hand it to the pool."""
+        plan_bin, work = self.bin, self.work
+        self.bin = self.work = None
+        self.plan_result.bins.append(_plan_row(plan_bin))
+        if self.dry:
+            return
+        work.state = self._state("scanning")
+        if work.sealer is not None:
+            try:
+                result = work.sealer.seal()
+            except BaseException:
+                work.sealer.abandon()  # its partial CAR is removed, never renamed
+                raise
+            self.carry = work.sealer.carry_out
+            self._commit(work, result)
+        else:
+            self.pool.submit(self.ctx, work)
+            for done, result in self.pool.ready():
+                self._commit(done, result)
+
+    def _commit(self, work: BinWork, result: dict) -> None:
+        """Write a sealed bin and everything that goes with it to the index, in one transaction."""
+        results = work.results
+        files = []
+        for version, record in work.records.items():
+            leaves_end, last = work.ends[version]
+            if version in results.params:
+                record["params"] = results.params[version]
+            if last:
+                record["complete"] = True
+            else:
+                record["leaves_sealed"] = leaves_end
+            files.append((version, {**record, "bins": [b for b in record["bins"] if b <= work.number]}))
         self.index.commit(
             files=files,
-            paths=list(self.pending_paths.items()),
-            touched=self.pending_touched,
-            digests=self.pending_digests,
-            bins=[(layout.number, result)],
-            bin_updates=self.pending_bin_updates,
-            segments=[(layout.number, end, record) for end, record in segments],
-            meta=[(b"scan", self._state("scanning"))],
+            paths=list(work.paths.items()),
+            touched=self._take_touched(),
+            digests=self._merged_digests(results.digests),
+            bins=[(work.number, result)],
+            segments=[(work.number, end, record) for end, record in results.segments],
+            meta=[(b"scan", work.state)],
         )
-        self.pending_files = {v: r for v, r in files if not r["complete"]}
-        self.pending_paths = {}
-        self.pending_digests = []
-        self.pending_touched = []
-        self.pending_bin_updates = []
-        self.report.bins_sealed.append(layout.number)
-        self.layout = None
-        if layout.sink is not None:
+        self.last_params = results.params
+        self.report.bins_sealed.append(work.number)
+        self.report.bytes_read += results.bytes_read
+        if work.partial is not None:
             # The index commit above came first: a CAR under its final name is always a sealed bin's.
-            layout.sink.close()
-            partial = layout.sink.name
-            os.replace(partial, partial[: -len(".partial")])
+            os.replace(work.partial, work.partial[: -len(".partial")])
         log.info(
             "sealed bin %d: %d bytes (%.2f%% of %d), piece %s",
-            layout.number, result["car_size"], 100 * result["car_size"] / self.bin_size, self.bin_size,
+            work.number, result["car_size"], 100 * result["car_size"] / self.bin_size, self.bin_size,
             result["piece_cid"],
         )
         self.on_seal(result)
 
-    def _flush_finished(self) -> None:
-        """Write finished records and their digests now, so memory does not grow with a bin's file count."""
-        done = [(v, r) for v, r in self.pending_files.items() if r["complete"]]
-        if not done and not self.pending_touched:
-            return
-        self.index.commit(
-            files=done, paths=list(self.pending_paths.items()), touched=self.pending_touched,
-            digests=self.pending_digests,
-        )
-        for version, _ in done:
-            del self.pending_files[version]
-        self.pending_paths = {}
-        self.pending_digests = []
-        self.pending_touched = []
+    def _merged_digests(self, runs: list) -> list:
+        """Leaf digest runs as whole index chunks; a run that starts inside a chunk (a part continuing a
+        stream) is joined to the chunk's leaves before it, which an earlier bin committed."""
+        out = []
+        for version, first_leaf, data in runs:
+            within = first_leaf % DIGESTS_PER_CHUNK
+            chunk_first = first_leaf - within
+            if within:
+                data = self.index.digests_of(version, chunk_first, within) + data
+            out.append(((version, chunk_first // DIGESTS_PER_CHUNK), data))
+        return out
 
-    def _flush_segments(self) -> None:
-        if self.layout is not None:
-            segments = self.layout.take_segments()
-            if segments:
-                self.index.commit(segments=[(self.layout.number, end, record) for end, record in segments])
+    def _flush_live(self, work: BinWork) -> None:
+        """While a bin is sealed here: write its finished records and byte map early, so memory stays flat
+        however many files the bin holds (a record only counts once its bins are sealed)."""
+        results = work.results
+        if len(results.segments) >= SEGMENT_FLUSH:
+            self.index.commit(segments=[(work.number, end, record) for end, record in results.segments])
+            results.segments = []
+        if len(work.records) < PENDING_FLUSH:
+            return
+        files, paths, done = [], [], []
+        for version, record in work.records.items():
+            leaves_end, last = work.ends[version]
+            if not last or (record["kind"] == FILE and version not in results.params):
+                continue
+            if version in results.params:
+                record["params"] = results.params.pop(version)
+            record["complete"] = True
+            files.append((version, record))
+            done.append(version)
+        for version in done:
+            record = work.records.pop(version)
+            del work.ends[version]
+            if work.paths.get(record["path"]) == version:
+                paths.append((record["path"], work.paths.pop(record["path"])))
+        finished = set(done)
+        runs = [run for run in results.digests if run[0] in finished]
+        results.digests = [run for run in results.digests if run[0] not in finished]
+        self.index.commit(files=files, paths=paths, touched=self._take_touched(), digests=self._merged_digests(runs))
+
+    def _take_touched(self) -> list[bytes]:
+        touched, self.pending_touched = self.pending_touched, []
+        return touched
+
+    def _flush_touched(self) -> None:
+        self.index.commit(touched=self._take_touched())
+
+    def _drain(self) -> None:
+        """Wait for every bin the pool is sealing, committing each in order."""
+        if self.pool is not None:
+            for done, result in self.pool.drain():
+                self._commit(done, result)
 
     # ================================================================ entries
 
@@ -443,68 +610,72 @@ class Scan:
         }
         return version, record
 
+    def _hold(self, version: int, record: dict, leaves_end: int = 0, last: bool = True, first: bool = True) -> None:
+        """Note a record with a part in the bin being planned, for that bin's commit."""
+        record["bins"].append(self.bin.number)
+        if self.dry:
+            return
+        self.work.records[version] = record
+        self.work.ends[version] = (leaves_end, last)
+        if first:
+            self.work.paths[record["path"]] = version
+
     def _place_dir(self, entry: Entry) -> None:
         if entry.path == b"":
-            if self.layout is None:
+            if self.bin is None:
                 self._new_bin()
-            self._sync_frames(self.layout, [entry])
+            self._sync([entry])
         else:
             bound = manifest.entry_bound("dir", entry.path)
 
-            def cost(layout: BinLayout) -> int:
-                return layout.budget.entry_cost(len(entry.name), bound, costs.DIR_NODE_FIXED)
+            def cost(plan_bin: PlanBin) -> int:
+                return plan_bin.budget.entry_cost(len(entry.name), bound, costs.DIR_NODE_FIXED)
 
             self._ensure_room(cost, entry.path)
-            self.layout.open_frame(entry.path, entry.name)
-            self._add_dir_entry(self.layout, entry)
+            self.bin.open_frame(entry.path, entry.name)
+            self.bin.add_manifest_entry(None, bound)
+            self.bin.opened_dirs.add(entry.path)
+            self._op(("dir", entry))
         # A new or changed directory is data worth a bin of its own, even with nothing else in it.
-        self.layout.is_empty = False
+        self.bin.placed(entry.path)
         version, record = self._new_record(entry)
-        record["bins"].append(self.layout.number)
-        self.pending_files[version] = record
-        self.pending_paths[entry.path] = version
+        self._hold(version, record)
         self.tree.add(version, record)
 
     def _place_symlink(self, entry: Entry) -> None:
-        block = symlink_block(entry.target)
+        block_length = len(symlink_block(entry.target).data)
         bound = manifest.entry_bound("symlink", entry.path, target=entry.target)
 
-        def cost(layout: BinLayout) -> int:
-            return layout.budget.entry_cost(len(entry.name), bound, costs.section_length(len(block.data)))
+        def cost(plan_bin: PlanBin) -> int:
+            return plan_bin.budget.entry_cost(len(entry.name), bound, costs.section_length(block_length))
 
         self._ensure_room(cost, entry.path)
-        layout = self.layout
-        layout.emit_stored(block.cid, block.data)
-        layout.add_entry(entry.name, block.cid, len(block.data))
-        meta = _manifest_base(entry)
-        meta.update(target=entry.target, cid=block.cid)
-        layout.add_manifest_entry(meta, bound)
+        self.bin.add_stored(entry.path, len(entry.name), block_length)
+        self.bin.add_manifest_entry(None, bound)
+        self._op(("symlink", entry))
         version, record = self._new_record(entry)
-        record["bins"].append(layout.number)
-        self.pending_files[version] = record
-        self.pending_paths[entry.path] = version
+        self._hold(version, record)
         self.tree.add(version, record)
+        if self.plan_result.files_assigned is not None:
+            self.plan_result.files_assigned.append((entry.path, list(record["bins"])))
 
     # ---------------------------------------------------------------- files
 
-    def _name_bounds(self, entry: Entry) -> tuple[int, int]:
-        name_bound = min(NAME_MAX, len(entry.name) + len(self.cipher.suffix) + PART_SUFFIX_MAX)
-        parent = entry.path[: -len(entry.name)]
-        bound = manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound))
-        return name_bound, bound
+    def _parts(self, entry: Entry, stream_size: int, bounds: tuple[int, int]) -> tuple[bool, list[int]]:
+        """(seal the current bin first?, leaves per part): a pure function of sizes and budgets.
 
-    def _plan(self, entry: Entry, stream_size: int) -> tuple[bool, list[int]]:
-        """(seal the current bin first?, leaves per part): a pure function of sizes and budgets."""
-        name_bound, bound = self._name_bounds(entry)
+        `bounds`: file_manifest_bound() of the entry."""
+        name_bound, bound = bounds
         leaves = costs.leaf_count(stream_size)
         first = None
-        if self.layout is not None:
-            self._sync_frames(self.layout, self._chain())
-            first = self.layout.budget.max_leaves(name_bound, bound, stream_size)
-            if first >= leaves:
-                return False, [leaves]  # fits whole: the common case, no simulation needed
-        fresh = self._fresh_layout(0, hashing=False)
-        self._sync_frames(fresh, self._chain())
+        if self.bin is not None:
+            self._sync(self.ancestors)
+            budget = self.bin.budget
+            if budget.entry_cost(name_bound, bound, costs.file_bound(stream_size)) <= budget.available():
+                return False, [leaves]  # fits whole: the common case, one bound to compute
+            first = budget.max_leaves(name_bound, bound, stream_size)
+        fresh = self._fresh_bin()
+        sync_frames(fresh, self.ancestors)
         per_bin = fresh.budget.max_leaves(name_bound, bound, stream_size)
         if per_bin == 0:
             raise UsageError(
@@ -523,51 +694,64 @@ class Scan:
             take = per_bin
         return seal_first, parts
 
-    def _place_file(self, entry: Entry, earlier: dict | None) -> None:
+    def _place_file(self, entry: Entry, earlier: dict | None, earlier_version: int | None) -> None:
         """Place a file, or continue one whose first parts were sealed before an interruption."""
         if earlier is not None and earlier.get("leaves_sealed"):
-            version = self.index.latest_version(entry.path)
-            if self._continue_file(entry, version, earlier):
+            if self._seam_holds(entry, earlier_version, earlier):
+                self._continue_file(entry, earlier_version, earlier)
                 return
             # The source changed since those parts were sealed: the file starts over as a new version.
             self._note(self.report.changed_paths, "changed", entry.path)
         stream_size = self.cipher.stream_size(entry.size)
-        seal_first, parts = self._plan(entry, stream_size)
-        if self.layout is None:
+        bounds = file_manifest_bound(entry, self.cipher)
+        seal_first, parts = self._parts(entry, stream_size, bounds)
+        if self.bin is None:
             self._new_bin()
         elif seal_first:
             self._seal()
             self._new_bin()
-        self._sync_frames(self.layout, self._chain())
+        self._sync(self.ancestors)
         version, record = self._new_record(entry)
         record.update(stream_size=stream_size, parts=parts, complete=False, leaves_sealed=0)
-        encryptor = self.cipher.new_file(entry.size, self.secret)
-        self._lay_out(entry, version, record, encryptor, self._stream_leaves(entry, encryptor), 0)
+        params = None
+        if len(parts) > 1 and not self.cipher.parts_need_previous and not self.dry:
+            # every part of a split file is sealed on its own: give them the stream's params up front
+            seed = file_seed(self.ctx.run_seed, version)
+            params = self.cipher.new_file(entry.size, self.secret, seed=seed).params()
+        self.plan_result.files_placed += 1
+        self._lay_out(entry, version, record, params, 0, bounds[1])
 
-    def _continue_file(self, entry: Entry, version: int, record: dict) -> bool:
+    def _seam_holds(self, entry: Entry, version: int, record: dict) -> bool:
+        """Can a file whose first parts are sealed be continued? The planning pass reads its last sealed
+        leaf once (unless told to read nothing) and the scan keeps the answer."""
+        if not self.dry:
+            return self.seams_ok.get(entry.path, False)
+        holds = (not self.check_seams) or self._last_leaf_matches(entry, version, record, record["leaves_sealed"])
+        self.seams_ok[entry.path] = holds
+        return holds
+
+    def _continue_file(self, entry: Entry, version: int, record: dict) -> None:
         """Continue a file whose first parts are sealed, from the end of its sealed leaves.
 
-        The caller matched the file's fingerprint (size, mtime_ns, ctime_ns, inode) with the record.
-        The last sealed leaf is regenerated from the source and checked against its stored digest
-        (False on a mismatch): that leaf holds every plaintext octet before the seam that the resumed
+        The fingerprint matched the record, and the last sealed leaf still comes out of the source as
+        sealed (_seam_holds): that leaf holds every plaintext octet before the seam that the resumed
         encryptor reads again (the age chunk, or the OpenPGP octets after the stored SHA-1 state, that
         straddle the seam). Nothing before it is read or encrypted again (Cipher.resume_at)."""
         sealed = record["leaves_sealed"]
-        offset = sealed * CHUNK_SIZE
-        if not self._last_leaf_matches(entry, version, record, sealed):
-            return False
-        encryptor, plain_offset = self.cipher.resume_at(record["params"], entry.size, self.secret, offset)
-        if self.layout is not None and not self.layout.is_empty:
-            raise AssertionError("a continued file must start a fresh bin, as it did before the interruption")
-        if self.layout is None:
+        if self.bin is not None and not self.bin.is_empty:
+            # it was planned to start a fresh bin; something placed before it (a changed file) took this one
+            self._seal()
+        if self.bin is None:
             self._new_bin()
-        self._sync_frames(self.layout, self._chain())
-        leaves = self._stream_leaves(entry, encryptor, plain_offset)
-        self._lay_out(entry, version, record, encryptor, leaves, sealed)
-        return True
+        self._sync(self.ancestors)
+        record["bins"] = [b for b in record["bins"] if self.index.bin(b) is not None]
+        self.plan_result.files_placed += 1
+        self._lay_out(entry, version, record, record["params"], sealed, file_manifest_bound(entry, self.cipher)[1])
 
     def _last_leaf_matches(self, entry: Entry, version: int, record: dict, sealed: int) -> bool:
         """Does the source still produce the last sealed leaf (one leaf of reading and encryption)?"""
+        import hashlib
+
         opened = self.source.open(entry.path, entry.fingerprint)
         try:
             stream = self.cipher.open_stream(record["params"], entry.size, opened.read, self.secret)
@@ -579,113 +763,48 @@ class Scan:
             opened.close()
         return hashlib.sha256(leaf).digest() == self.index.digests_of(version, sealed - 1, 1)
 
-    def _stream_leaves(self, entry: Entry, encryptor, start: int = 0) -> Iterator[bytes]:
-        """The file's stream, read once from the source and encrypted, cut into leaves.
-
-        `start`: the plaintext offset a resumed encryptor (Cipher.resume_at) takes first; its
-        stream starts at a leaf boundary, so the leaves are cut from there."""
-        leaf = bytearray(CHUNK_SIZE)  # filled from the encryptor's output, then copied out once
-        filled = 0
-
-        def cut(data: bytes) -> Iterator[bytes]:
-            nonlocal filled
-            view = memoryview(data)
-            while view:
-                take = min(len(view), CHUNK_SIZE - filled)
-                leaf[filled : filled + take] = view[:take]
-                filled += take
-                view = view[take:]
-                if filled == CHUNK_SIZE:
-                    filled = 0
-                    yield bytes(leaf)
-
-        if start:
-            self.advance(start)  # the sealed prefix counts as done
-        for data in self.source.stream(entry, start):
-            self.report.bytes_read += len(data)
-            self.advance(len(data))
-            yield from cut(encryptor.update(data))
-        yield from cut(encryptor.finish())
-        if filled or self.cipher.stream_size(entry.size) == 0:
-            yield bytes(leaf[:filled])  # the short last leaf, or the one empty leaf of an empty stream
-
-    def _lay_out(self, entry: Entry, version: int, record: dict, encryptor, leaves: Iterator[bytes], first_leaf: int) -> None:
-        """Emit leaves `first_leaf`… into bins part by part, sealing between parts."""
+    def _lay_out(
+        self, entry: Entry, version: int, record: dict, params: bytes | None, first_leaf: int, bound: int
+    ) -> None:
+        """Plan leaves `first_leaf`… part by part, one part per bin, sealing between parts
+        (`bound`: the bound on each part's manifest entry)."""
         parts = record["parts"]
         stream_size = record["stream_size"]
-        self.pending_files[version] = record
-        self.pending_paths[entry.path] = version
-        if len(self.pending_files) >= PENDING_FLUSH:
-            self._flush_finished()
-        _, bound = self._name_bounds(entry)
         part, part_start = 0, 0
         while part_start < first_leaf:  # a continued file resumes at a part boundary
             part_start += parts[part]
             part += 1
-        assert part_start == first_leaf
-        builder = FileBuilder()
-        leaf_index = first_leaf
-        # Digests are stored per chunk of DIGESTS_PER_CHUNK leaves; a chunk is rewritten as it grows.
-        chunk_first = first_leaf - first_leaf % DIGESTS_PER_CHUNK
-        digests = bytearray(self.index.digests_of(version, chunk_first, first_leaf - chunk_first))
-
-        def flush_digests() -> None:
-            nonlocal digests, chunk_first
-            if digests:
-                self.pending_digests.append(((version, chunk_first // DIGESTS_PER_CHUNK), bytes(digests)))
-            if len(digests) == DIGEST * DIGESTS_PER_CHUNK:
-                digests = bytearray()
-                chunk_first += DIGESTS_PER_CHUNK
-
-        for leaf in leaves:
-            layout = self.layout
-            if leaf_index == part_start and layout.number not in record["bins"]:
-                record["bins"].append(layout.number)
-                layout.file_records += 1
-            digest = hashlib.sha256(leaf).digest()
-            digests += digest
-            cid = cid_from_digest(RAW, digest)
-            layout.emit_leaf(version, leaf_index, cid, leaf)
-            leaf_index += 1
-            for block in builder.add_leaf(Node(cid, len(leaf), len(leaf))):
-                layout.emit_file_node(block, version, leaf_index)
-            if leaf_index % DIGESTS_PER_CHUNK == 0:
-                flush_digests()
-            if len(layout.segments) >= SEGMENT_FLUSH:
-                self._flush_segments()
-            if leaf_index - part_start < parts[part]:
-                continue
-            # the part is complete: link it, describe it, and seal the bin if more parts follow
-            tail, root = builder.finish()
-            for block in tail:
-                layout.emit_file_node(block, version, leaf_index)
-            name = name_in_car(entry.name, self.cipher.suffix.encode() + part_suffix(part + 1, len(parts)))
-            layout.add_entry(name, root.cid, root.tsize)
-            meta = _manifest_base(entry)
-            offset = part_start * CHUNK_SIZE
-            meta.update(
-                name=entry.path[: -len(entry.name)] + name, version=version, size=entry.size, stream=stream_size,
-                part=part + 1, parts=len(parts), offset=offset,
-                length=min(stream_size, leaf_index * CHUNK_SIZE) - offset, cid=root.cid,
-            )
-            layout.add_manifest_entry(meta, bound)
+        if part_start != first_leaf:
+            raise AssertionError(f"{entry.path!r}: sealed leaves end at {first_leaf}, not at a part boundary")
+        continued = first_leaf > 0
+        while part < len(parts):
+            leaves = parts[part]
+            end = part_start + leaves
+            last = part + 1 == len(parts)
+            name = part_name(entry, self.cipher, part, len(parts))
+            self.bin.add_part(entry.path, len(name), min(stream_size, end * CHUNK_SIZE) - part_start * CHUNK_SIZE)
+            self.bin.add_manifest_entry(None, bound)
+            if self.work is not None and part_start and params is None:
+                self.work.continues = True  # it needs the stream's state at the seam from the previous bin
+            self._hold(version, record, end, last, first=part == 0 or continued)
+            # the plaintext this part stands for (exactly the file's size over all its parts): what the
+            # progress bar counts for it
+            share = _plain_share(entry.size, stream_size, part_start, end)
+            self.plan_result.bytes_to_read += share
+            if self.work is not None:
+                self.work.planned_read += share
+            continued = False
+            self._op(("part", entry, version, part_start, leaves, part, len(parts), params))
             part += 1
-            part_start = leaf_index
-            builder = FileBuilder()
-            if part < len(parts):
-                flush_digests()
-                record["leaves_sealed"] = leaf_index
-                record["params"] = encryptor.params()
+            part_start = end
+            if not last:
                 self._seal()
                 self._new_bin()
-                self._sync_frames(self.layout, self._chain())
-        if leaf_index != costs.leaf_count(stream_size) or part != len(parts):
-            raise AssertionError(f"{entry.path!r}: {leaf_index} leaves in {part} parts, planned {parts}")
-        flush_digests()
-        record["params"] = encryptor.params()
-        record["complete"] = True
+                self._sync(self.ancestors)
         self.tree.add(version, record)
         self.report.files_placed += 1
+        if self.plan_result.files_assigned is not None:
+            self.plan_result.files_assigned.append((entry.path, list(record["bins"])))
 
     # ================================================================ state
 
@@ -774,15 +893,42 @@ class Scan:
                 for version in self.index.touch_tree(p.path):
                     self.tree.add(version, self.index.file(version))
 
+    def _settle_last_bin(self) -> None:
+        """Bring the bin still being planned into this process, with all its records final."""
+        work = self.work
+        if work is None:
+            return
+        if work.sealer is None:
+            work.results.on_read = self.advance
+            self._start_sealer(work)
+        work.sealer.flush_segments()
+        for version, record in list(work.records.items()):
+            if version in work.results.params:
+                record["params"] = work.results.params.pop(version)
+        done = list(work.records.items())
+        self.index.commit(
+            files=[(v, {**r, "complete": True}) for v, r in done],
+            paths=list(work.paths.items()),
+            touched=self._take_touched(),
+            digests=self._merged_digests(work.results.digests),
+            segments=[(work.number, end, record) for end, record in work.results.segments],
+        )
+        for _, record in done:
+            record["complete"] = True
+        work.records, work.ends, work.paths = {}, {}, {}
+        work.results.digests, work.results.segments = [], []
+
     def _finish(self) -> None:
         """After the walk: seal the last bin with a snapshot if anything changed, and settle bin statuses."""
-        self._flush_finished()
+        self._drain()  # every bin a worker seals is committed before the last one, here
+        self._settle_last_bin()
+        self._flush_touched()
         self._keep_skipped()
         self._drop_unseen()
         tree = self.tree
         live_files, live_bytes = tree.live_files, tree.live_bytes
         if not self.dirty:
-            if self.layout is not None and not self.layout.is_empty:
+            if self.bin is not None and not self.bin.is_empty:
                 self._seal()  # cannot happen without a change, but never drop laid-out data
             return
         snapshot_bins = self._seal_snapshot(tree)
@@ -805,6 +951,21 @@ class Scan:
         self.dirty = False
         self.index.commit(bin_updates=updates, meta=[(b"scan", self._state("scanning"))])
 
+    def _finish_plan(self) -> None:
+        """The planning pass's end: where the snapshot would go (if the scan would seal one)."""
+        if not self.dirty and not self.index_is_new:
+            self.dirty = self._paths_vanished()
+        if self.dirty:
+            self.plan_result.snapshot_bins = sorted(self._seal_snapshot(self.tree))
+        elif self.bin is not None and not self.bin.is_empty:
+            self._seal()
+
+    def _paths_vanished(self) -> bool:
+        """Planning: are there indexed paths the walk did not meet (deletions, which make a snapshot)?"""
+        with self.index.env.begin() as txn:
+            indexed = txn.stat(self.index.paths)["entries"]
+        return indexed > self.seen_indexed
+
     def _seal_snapshot(self, tree: _TreeSpill) -> set[int]:
         """Lay the snapshot out after whatever the last bin holds, in parts over new bins if it must."""
         snapshot_id = self.next_snapshot
@@ -818,37 +979,46 @@ class Scan:
         size = len(header) + entries_size + trailer_size
         extra = snapshot.descriptor_bound()
         widest_name = snapshot.NAME + b"x" * PART_SUFFIX_MAX
-        if self.layout is None:
-            self._new_bin()
-        room = self.layout.budget.max_meta_bytes(widest_name, size, extra)
-        if room < size and not self.layout.is_empty:
+        if self.bin is None:
+            self._new_bin(here=True)
+        room = self.bin.budget.max_meta_bytes(widest_name, size, extra)
+        if room < size and not self.bin.is_empty:
             self._seal()  # it does not fit beside the data: start it in a bin of its own
-            self._new_bin()
-            room = self.layout.budget.max_meta_bytes(widest_name, size, extra)
+            self._new_bin(here=True)
+            room = self.bin.budget.max_meta_bytes(widest_name, size, extra)
         if room == 0:
             raise UsageError(
                 f"bin size {self.bin_size} is too small to hold the data-set snapshot; use a larger --bin-size"
             )
         # Later parts go to fresh bins, which have at least the room this one has.
-        plan = [(self.layout.number, room)]
+        plan = [(self.bin.number, room)]
         while sum(length for _, length in plan) < size:
             plan.append((plan[-1][0] + 1, min(room, size - sum(length for _, length in plan))))
         if len(plan) > parts_bound:
             raise AssertionError(f"snapshot needs {len(plan)} parts, bounded by {parts_bound}")
         snapshot_bins = [number for number, _ in plan]
+        if self.dry:
+            for part, (number, length) in enumerate(plan, 1):
+                if self.bin is None:
+                    self._new_bin()
+                self.bin.add_meta_file(snapshot.NAME + part_suffix(part, len(plan)), length, extra)
+                self._seal()
+            return set(snapshot_bins)
         trailer = _padded_trailer(totals, sorted(live | set(snapshot_bins)), snapshot_bins, trailer_size)
         body = _SnapshotBody(header, trailer, size, tree.pieces())
         offset = 0
         for part, (number, length) in enumerate(plan, 1):
-            if self.layout is None:
-                self._new_bin()
-            if self.layout.number != number:
-                raise AssertionError(f"snapshot part {part} planned for bin {number}, laid out in {self.layout.number}")
+            if self.bin is None:
+                self._new_bin(here=True)
+            if self.bin.number != number:
+                raise AssertionError(f"snapshot part {part} planned for bin {number}, laid out in {self.bin.number}")
             name = snapshot.NAME + part_suffix(part, len(plan))
-            entry = self.layout.emit_meta_file(name, body.take(length), length, extra)
-            self.layout.snapshot = snapshot.descriptor(
-                snapshot_id, time_ns, totals, size, part, len(plan), offset, length, entry.cid
-            )
+            self.bin.add_meta_file(name, length, extra)
+
+            def describe(cid: bytes, part=part, offset=offset, length=length) -> dict:
+                return snapshot.descriptor(snapshot_id, time_ns, totals, size, part, len(plan), offset, length, cid)
+
+            self.work.sealer.meta_file(name, body.take(length), length, extra, describe)
             offset += length
             if part == len(plan):
                 self.next_snapshot = snapshot_id + 1
@@ -861,6 +1031,30 @@ class Scan:
             totals["entries"], totals["files"], totals["bytes"],
         )
         return set(snapshot_bins)
+
+
+def _plain_share(plain_size: int, stream_size: int, first_leaf: int, end_leaf: int) -> int:
+    """The plaintext bytes that leaves [first_leaf, end_leaf) of a stream stand for, in proportion;
+    over a file's parts the shares add up to its size exactly."""
+    if not stream_size:
+        return 0
+    start = min(stream_size, first_leaf * CHUNK_SIZE)
+    end = min(stream_size, end_leaf * CHUNK_SIZE)
+    return end * plain_size // stream_size - start * plain_size // stream_size
+
+
+def _plan_row(plan_bin: PlanBin) -> dict:
+    bound = plan_bin.car_bound()
+    return {
+        "bin": plan_bin.number,
+        "entries": plan_bin.entries,
+        "file_parts": plan_bin.file_parts,
+        "stream_bytes": plan_bin.stream_bytes,
+        "car_bound": bound,
+        "piece_size": padded_size(bound),
+        "first": plan_bin.first,
+        "last": plan_bin.last,
+    }
 
 
 class _SnapshotBody:
@@ -907,57 +1101,5 @@ def _padded_trailer(totals: dict, bins: list[int], snapshot_bins: list[int], siz
     raise AssertionError(f"cannot pad the snapshot trailer to {size} bytes")
 
 
-class SyncingFile:
-    """A CAR being written during the scan: flushed to disk as it grows, fsynced when closed.
-
-    Syncing every SYNC_EVERY bytes (on the writer thread) keeps the disk busy
-    while the scan computes, instead of leaving gigabytes of dirty pages for
-    one long fsync at the end.
-    """
-
-    SYNC_EVERY = 64 << 20
-
-    def __init__(self, path: str):
-        self.name = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.unsynced = 0
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-            self.unsynced += len(data)
-            if self.unsynced >= self.SYNC_EVERY:
-                os.fdatasync(self.fd)
-                self.unsynced = 0
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.name) from None
-
-    def pwrite(self, data: bytes, offset: int) -> None:
-        try:
-            os.pwrite(self.fd, data, offset)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.name) from None
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.fsync(self.fd)
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, self.name) from None
-            finally:
-                os.close(self.fd)
-                self.fd = -1
-
-
 def _is_ancestor(dir_path: bytes, path: bytes) -> bool:
     return dir_path == b"" or path.startswith(dir_path + b"/")
-
-
-def _has_dir_entry(layout: BinLayout, path: bytes) -> bool:
-    return path in layout.opened_dirs
-
-
-def _manifest_base(entry: Entry) -> dict:
-    return {"path": entry.path, "kind": entry.kind, "mode": entry.mode, "mtime_ns": entry.mtime_ns}

@@ -9,7 +9,6 @@ what makes the bin size a hard ceiling.
 
 from __future__ import annotations
 
-from packerfs.ipld.cid import encode_uvarint
 from packerfs.ipld.unixfs import CHUNK_SIZE, SHARD_THRESHOLD_BYTES, WIDTH
 
 CID_LEN = 36  # CIDv1 + codec (raw or dag-pb) + sha2-256 multihash
@@ -23,15 +22,23 @@ FILE_CHILD = LINK_FIXED + 1 + MAX_VARINT
 NODE_FIXED = 4 + CID_LEN + (1 + 3) + 2 + (1 + MAX_VARINT)
 
 
+def uvarint_length(n: int) -> int:
+    """Bytes of n as an unsigned LEB128 varint (the planner's hot path: no bytes are built)."""
+    return max(1, -(-n.bit_length() // 7))
+
+
 def section_length(block_length: int) -> int:
     """Exact bytes of a CAR section holding a block of this length under a 36-byte CID."""
-    return len(encode_uvarint(CID_LEN + block_length)) + CID_LEN + block_length
+    return uvarint_length(CID_LEN + block_length) + CID_LEN + block_length
+
+
+FULL_LEAF_SECTION = section_length(CHUNK_SIZE)
 
 
 def leaf_sections(stream_bytes: int) -> int:
     """Exact bytes of the raw-leaf sections for `stream_bytes` of a stream, cut in CHUNK_SIZE leaves."""
     full, tail = divmod(stream_bytes, CHUNK_SIZE)
-    total = full * section_length(CHUNK_SIZE)
+    total = full * FULL_LEAF_SECTION
     if tail or stream_bytes == 0:
         total += section_length(tail)
     return total
@@ -43,6 +50,8 @@ def leaf_count(stream_bytes: int) -> int:
 
 def file_nodes_bound(leaves: int) -> int:
     """Bound on the intermediate nodes of a balanced file DAG over `leaves` leaves."""
+    if leaves <= 1:
+        return 0
     total = 0
     children = leaves
     while children > 1:

@@ -54,6 +54,9 @@ class Frame:
         return costs.directory_bound(self.links_bytes, self.count)
 
 
+_MANIFEST_FIXED = costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest.NAME)
+
+
 class Budget:
     """Upper bound of a bin's final size, kept as things are added."""
 
@@ -66,7 +69,7 @@ class Budget:
 
     def manifest_overhead(self, manifest_bytes: int | None = None) -> int:
         m = self.manifest_bytes if manifest_bytes is None else manifest_bytes
-        return costs.file_bound(m) + costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest.NAME)
+        return costs.file_bound(m) + _MANIFEST_FIXED
 
     def total(self) -> int:
         return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead() + self.reserved
@@ -299,8 +302,14 @@ class BinLayout:
         except Exception:
             pass  # the error that made us abandon the bin is the one to report
         if self.sink is not None:
-            self.sink.close()
-            os.unlink(self.sink.name)
+            try:
+                self.sink.close()
+            except OSError:
+                pass  # (a full disk refusing the final sync, say) the file goes anyway
+            try:
+                os.unlink(self.sink.name)
+            except FileNotFoundError:
+                pass
 
     def close_outputs(self) -> None:
         """Wait for commP and the sink to take every byte, then stop their threads."""
