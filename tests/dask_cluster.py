@@ -43,6 +43,8 @@ from typing import Iterator
 
 import pytest
 
+from objstores import free_port  # one free-port picker for every test server
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 LOOPBACK = "127.0.0.1"
@@ -76,12 +78,6 @@ _HTTP_ARGS = ["--no-dashboard", "--dashboard-address", f"{LOOPBACK}:0"]
 
 class ClusterStartError(RuntimeError):
     """The cluster did not come up (the message carries the log tails)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def dask_command() -> list[str]:

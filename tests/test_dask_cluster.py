@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from conftest import within
 from dask_cluster import LOOPBACK, _live_group_members, dask_cluster

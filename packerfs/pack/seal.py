@@ -331,13 +331,6 @@ class Carry:
             self.leaves = None
 
 
-def op_entries(ops: list) -> Iterator:
-    """The entries the operations name, in order (for a source's read-ahead)."""
-    for op in ops:
-        if op[0] != "sync":
-            yield op[1]
-
-
 def reads_from_start(op: tuple) -> bool:
     """Does this operation read its file from the first byte (a part starting at leaf 0)?"""
     return op[0] == "part" and op[3] == 0 and op[1].kind == FILE and op[1].size > 0

@@ -85,6 +85,14 @@ class Budget:
         manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_entry) - self.manifest_overhead()
         return dir_delta + manifest_delta + content
 
+    def open_frame(self, path: bytes, name: bytes) -> Frame:
+        """A directory opened inside the top one: its link is reserved in the parent now."""
+        if self.frames:
+            self.add_link(self.frames[-1], len(name))
+        frame = Frame(path, name)
+        self.frames.append(frame)
+        return frame
+
     def add_link(self, frame: Frame, link_name_bound: int) -> None:
         frame.links_bytes += costs.LINK_FIXED + link_name_bound
         frame.count += 1
@@ -266,11 +274,7 @@ class BinLayout:
     # ------------------------------------------------------------ directories
 
     def open_frame(self, path: bytes, name: bytes) -> Frame:
-        if self.frames:
-            self.budget.add_link(self.frames[-1], len(name))
-        frame = Frame(path, name)
-        self.frames.append(frame)
-        return frame
+        return self.budget.open_frame(path, name)
 
     def close_frame(self) -> None:
         frame = self.frames.pop()

@@ -42,11 +42,7 @@ class PlanBin:
         return self.budget.frames
 
     def open_frame(self, path: bytes, name: bytes) -> Frame:
-        if self.frames:
-            self.budget.add_link(self.frames[-1], len(name))
-        frame = Frame(path, name)
-        self.frames.append(frame)
-        return frame
+        return self.budget.open_frame(path, name)
 
     def close_frame(self) -> None:
         # the directory's blocks take at most its bound; its link was counted in the parent on opening
