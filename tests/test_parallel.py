@@ -105,16 +105,48 @@ def test_age_file_over_three_bins_on_two_workers_round_trips(tmp_path, age_key):
 @pytest.mark.interop
 def test_openpgp_file_over_three_bins_on_two_workers_round_trips(tmp_path, gpg_ed_key):
     src = tree(tmp_path / "src")
+    for i in range(100):  # bins after the split files that start at a small file: a second sealing task
+        write_random(src / "tail" / f"t{i:03d}", 64 * 1024, 300 + i)
     out = tmp_path / "out"
     home = str(gpg_ed_key["home"])
-    packerfs(
+    planned = json.loads(packerfs(
+        "plan", src, "-t", tmp_path / "state", "--bin-size", BIN, "--gpg-recipient", gpg_ed_key["fpr"],
+        "--gpg-homedir", home, "--json", "--files",
+    ).stdout)
+    packed = json.loads(packerfs(
         "pack", src, out, "-t", tmp_path / "state", "--bin-size", BIN, "--gpg-recipient", gpg_ed_key["fpr"],
-        "--gpg-homedir", home, "--workers", "2",
-    )
+        "--gpg-homedir", home, "--workers", "2", "--json",
+    ).stdout)
     restored = tmp_path / "restored"
     packerfs("unpack", out, restored, "--gpg-homedir", home)
     same_tree(src, restored)
     packerfs("verify", out)
+    # the bins one.bin runs through are one CFB chain: the plan links them, and one worker seals them
+    one_bins = [e["bins"] for e in planned["files_assigned"] if e["path"] == "big/one.bin"][0]
+    assert len(one_bins) >= 3
+    continues = {row["bin"]: row["continues"] for row in planned["table"]}
+    assert [continues[b] for b in one_bins] == [False] + [True] * (len(one_bins) - 1)
+    assert sum(1 for row in planned["table"] if row["continues"]) >= 3  # two.bin is cut too
+    sealed_on = dict(zip(packed["new_bins"], (car["sealed_on"] for car in packed["cars"])))
+    chain = {sealed_on[b] for b in one_bins if b != packed["new_bins"][-1]}
+    assert len(chain) == 1 and None not in chain, sealed_on
+
+
+@pytest.mark.interop
+def test_openpgp_bins_that_form_one_chain_are_sealed_here_without_a_cluster(tmp_path, gpg_ed_key):
+    """One OpenPGP file through every bin is one sealing task: a local cluster would only cost its start."""
+    src = tmp_path / "src"
+    write_random(src / "one.bin", 10 * MiB, 5)
+    home = str(gpg_ed_key["home"])
+    packed = json.loads(packerfs(
+        "pack", src, tmp_path / "out", "-t", tmp_path / "state", "--bin-size", BIN,
+        "--gpg-recipient", gpg_ed_key["fpr"], "--gpg-homedir", home, "--workers", "2", "--json",
+    ).stdout)
+    assert len(packed["cars"]) >= 4
+    assert [car["sealed_on"] for car in packed["cars"]] == [None] * len(packed["cars"])
+    restored = tmp_path / "restored"
+    packerfs("unpack", tmp_path / "out", restored, "--gpg-homedir", home)
+    same_tree(src, restored)
 
 
 def test_pack_on_a_real_cluster_verifies_unpacks_and_the_mount_serves_the_same_bytes(

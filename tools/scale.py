@@ -5,6 +5,7 @@
                                  [--no-encryption] [--interval 5] [--keep] [--json]
     python tools/scale.py files --count 1000000 [--bin-size 256MiB] [--sizes 0-8KiB] [--workers N]
                                 [--no-encryption] [--keep] [--json]
+    python tools/scale.py plan --count 100000000 [--per-dir 1000] [--sizes 0-64MiB] [--json]
 
 Both drive packerfs through its command line only (this checkout's .venv/bin/packerfs), encrypt
 with age to a recipient made by `age-keygen` unless --no-encryption, and put their files under
@@ -45,8 +46,13 @@ files: what does a pack cost per file?
     budgets about 200), the CPU time of the whole tree, and the CAR bytes against the source's.
     A reused tree may be cold in the page cache; a just-built one is warm (the output says which).
 
-A `plan` run can be added beside these: a module with add_arguments(parser) and run(args),
-listed in RUNS.
+plan: can a petabyte's listing be planned on paper?
+    A synthetic listing of --count entries (two levels of directories, --per-dir files each) is
+    planned from metadata alone, as `packerfs plan` does; this run alone imports packerfs, since no
+    real tree of 100 M entries fits here (see tools/scale_plan.py). It reports entries/s, planning
+    time and peak RSS.
+
+Each run is a module with add_arguments(parser) and run(args), listed in RUNS.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RUNS = {
     "sparse": ("scale_sparse", "the mount's background scan over a large sparse source: throughput flatness, RSS"),
     "files": ("scale_files", "`packerfs pack` of many small files: files/s, RSS, index bytes per file"),
+    "plan": ("scale_plan", "planning a synthetic listing from metadata alone: entries/s, peak RSS"),
 }
 
 

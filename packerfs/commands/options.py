@@ -200,8 +200,9 @@ def pool_factory(args: argparse.Namespace):
         return None
 
     def make(plan):
-        # the last bin is sealed here (it takes the snapshot); a pool pays off from two bins on
-        if not scheduler and len(plan.bins) - 1 < 2:
+        # the last bin is sealed here (it takes the snapshot); a pool pays off from two tasks on (an
+        # OpenPGP file cut across bins makes them one task)
+        if not scheduler and plan.sealing_tasks() < 2:
             return None
         from packerfs.pack.parallel import Pool
 

@@ -146,7 +146,8 @@ class _TreeSpill:
 class Plan:
     """What a planning pass decided: each bin with what it holds, and the totals."""
 
-    bins: list[dict] = field(default_factory=list)  # bin, entries, file_parts, stream_bytes, car_bound, piece_size, first, last
+    # bin, entries, file_parts, stream_bytes, car_bound, piece_size, first, last, continues
+    bins: list[dict] = field(default_factory=list)
     entries: int = 0  # paths in the walk
     files: int = 0
     bytes: int = 0  # plaintext bytes of every file in the walk
@@ -156,6 +157,11 @@ class Plan:
     bytes_to_read: int = 0  # plaintext the scan will read
     snapshot_bins: list[int] = field(default_factory=list)
     files_assigned: list | None = None  # (path, bins) of each file and symlink placed, when asked for
+
+    def sealing_tasks(self) -> int:
+        """Independent sealing tasks in the bins before the last (which is sealed here, with the
+        snapshot): bins a stream runs through from state at a seam make one task."""
+        return sum(1 for row in self.bins[:-1] if not row["continues"])
 
     def summary(self) -> dict:
         return {
@@ -182,7 +188,6 @@ class BinWork:
     ends: dict = field(default_factory=dict)  # version -> (leaves sealed once this bin is, last part here?)
     paths: dict = field(default_factory=dict)  # path -> version, for the records that start here
     state: dict | None = None  # the scan state committed with the bin (the counters as of its planning)
-    continues: bool = False  # its first part continues a stream whose state at the seam the previous bin gives
     partial: str | None = None  # OUT/bin-N.car.partial, renamed once committed
     planned_read: int = 0  # plaintext its parts stand for (what progress counts for it)
 
@@ -499,7 +504,7 @@ class Scan:
             self.carry = work.sealer.carry_out
             self._commit(work, result)
         else:
-            self.pool.submit(self.ctx, work)
+            self.pool.submit(self.ctx, work, continues=plan_bin.continues)
             for done, result in self.pool.ready():
                 self._commit(done, result)
 
@@ -784,8 +789,10 @@ class Scan:
             name = part_name(entry, self.cipher, part, len(parts))
             self.bin.add_part(entry.path, len(name), min(stream_size, end * CHUNK_SIZE) - part_start * CHUNK_SIZE)
             self.bin.add_manifest_entry(None, bound)
-            if self.work is not None and part_start and params is None:
-                self.work.continues = True  # it needs the stream's state at the seam from the previous bin
+            if part_start and params is None and self.cipher.parts_need_previous:
+                # it needs the stream's state at the seam from the previous bin (planning sees params
+                # None for every split file: only the cipher says which are sealed independently)
+                self.bin.continues = True
             self._hold(version, record, end, last, first=part == 0 or continued)
             # the plaintext this part stands for (exactly the file's size over all its parts): what the
             # progress bar counts for it
@@ -1054,6 +1061,7 @@ def _plan_row(plan_bin: PlanBin) -> dict:
         "piece_size": padded_size(bound),
         "first": plan_bin.first,
         "last": plan_bin.last,
+        "continues": plan_bin.continues,
     }
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "piece_cid_v1",
     "piece_cid_v2",
     "padded_size",
+    "set_kernel_threads",
 ]
 
 MIN_PAYLOAD = 65  # the smallest payload stock commP tools accept (go-fil-commp-hashhash)
@@ -83,6 +84,13 @@ def _size_error(size: int, *, growing: bool = False) -> PieceSizeError:
 def _cid_string(codec: int, mh_code: int, digest: bytes) -> str:
     raw = encode_uvarint(1) + encode_uvarint(codec) + encode_uvarint(mh_code) + encode_uvarint(len(digest)) + digest
     return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+
+
+def set_kernel_threads(count: int) -> None:
+    """Threads the C kernel hashes large inputs with, in this process (0: one per CPU, the default).
+
+    A process that shares the machine's cores with other sealers (a Dask worker) takes its share."""
+    _commp.set_threads(count)
 
 
 def padded_size(payload_size: int) -> int:

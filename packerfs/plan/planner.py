@@ -28,6 +28,9 @@ class PlanBin:
         self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
         self.opened_dirs: set[bytes] = set()
         self.is_empty = True
+        # its first part continues a stream cut in the previous bin from that bin's state at the seam
+        # (OpenPGP), so the two are sealed one after the other in one process
+        self.continues = False
         # what the plan table shows
         self.entries = 0  # manifest entries: directories, symlinks and file parts
         self.file_parts = 0
