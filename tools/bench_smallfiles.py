@@ -2,14 +2,14 @@
 """Per-file cost of `packerfs pack` on many small files, against `ipfs-car pack`, in the same run.
 
     python tools/bench_smallfiles.py [--files 100000] [--max-size 8192] [--dirs 100]
-                                     [--work DIR] [--rounds 1] [--skip-ipfs-car]
+                                     [--work DIR] [--rounds 1] [--skip-ipfs-car] [--workers 1,2]
 
 Builds (or reuses, when its parameters match) a tree of N files of uniform 0..max-size
 bytes of deterministic pseudo-random content, spread over ~100 directories, then times,
 each as a subprocess from a fresh OUT and STATE:
 
-  packerfs pack SRC OUT -t STATE --bin-size 1GiB -r age1…      (age, the default cipher)
-  packerfs pack SRC OUT -t STATE --bin-size 1GiB --no-encryption
+  packerfs pack SRC OUT -t STATE --bin-size 64MiB -r age1… --workers W     (age, the default cipher)
+  packerfs pack SRC OUT -t STATE --bin-size 64MiB --no-encryption --workers W
   ipfs-car pack SRC --output X.car                              (the anchor)
 
 and prints files/s for each, the ratio of each packerfs run's throughput to ipfs-car's
@@ -111,10 +111,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-size", type=int, default=8192, help="sizes are uniform in 0..this (bytes)")
     parser.add_argument("--dirs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--bin-size", default="1GiB")
+    parser.add_argument("--bin-size", default="64MiB", help="bin size (default 64MiB: about 7 bins, so workers share them)")
     parser.add_argument("--work", help="keep the tree here (default: $TMPDIR or /var/tmp/packerfs-bench-smallfiles)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each tool, alternating; the best counts")
     parser.add_argument("--skip-ipfs-car", action="store_true")
+    parser.add_argument("--workers", default="1,2", help="packerfs --workers counts to run, comma-separated (default 1,2)")
     parser.add_argument("--only", choices=["age", "plain"], help="run only this packerfs variant")
     parser.add_argument("--root", help="run the packerfs package found in this directory (python -m packerfs.cli "
                         "from there; default: this checkout), e.g. a frozen copy to compare against")
@@ -159,9 +160,13 @@ def main(argv: list[str]) -> int:
         out.unlink()
         return seconds
 
-    variants = {"age": ["-r", recipient], "plain": ["--no-encryption"]}
+    counts = [int(c) for c in args.workers.split(",")]
+    variants = {}
+    for count in counts:
+        variants[f"age-w{count}"] = ["-r", recipient, "--workers", str(count)]
+        variants[f"plain-w{count}"] = ["--no-encryption", "--workers", str(count)]
     if args.only:
-        variants = {args.only: variants[args.only]}
+        variants = {name: cipher for name, cipher in variants.items() if name.startswith(args.only + "-")}
     best: dict[str, tuple[float, float]] = {}  # the best wall time, and the least CPU time, of each
     try:
         for _ in range(args.rounds):
@@ -183,12 +188,13 @@ def main(argv: list[str]) -> int:
     load = os.getloadavg()[0]
     print(f"(load average {load:.1f} on {os.cpu_count()} CPUs: above the CPU count, wall times are inflated)")
     if anchor:
-        print(f"ipfs-car pack:              {n / anchor[0]:8.0f} files/s  {anchor[0]:7.2f} s wall  "
+        print(f"{'ipfs-car pack:':37s} {n / anchor[0]:8.0f} files/s  {anchor[0]:7.2f} s wall  "
               f"{anchor[1]:7.2f} s CPU  (anchor)")
-    labels = {"age": "packerfs pack (age):", "plain": "packerfs pack (--no-enc):"}
     for name in variants:
         wall, cpu = best[name]
-        line = f"{labels[name]:27s} {n / wall:8.0f} files/s  {wall:7.2f} s wall  {cpu:7.2f} s CPU"
+        kind, workers = name.split("-w")
+        label = f"packerfs pack ({'age' if kind == 'age' else '--no-enc'}, workers {workers}):"
+        line = f"{label:37s} {n / wall:8.0f} files/s  {wall:7.2f} s wall  {cpu:7.2f} s CPU"
         if anchor:
             line += f"  ratio vs ipfs-car {anchor[0] / wall:5.2f} wall, {anchor[1] / cpu:5.2f} CPU  (target >= 3)"
         line += f"  index {index_sizes[name] / n:4.0f} bytes/file"

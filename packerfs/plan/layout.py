@@ -38,6 +38,7 @@ from packerfs.plan import costs
 ROOT_CID_LEN = 36
 HEADER_LEN = len(car.placeholder_header(ROOT_CID_LEN))
 MAX_RUN = 1024  # leaves per "L" segment: one level-1 node's worth
+COALESCE = 1 << 20  # bytes gathered before the commP and file threads are handed them
 
 
 @dataclass
@@ -165,8 +166,8 @@ class BinLayout:
             self.outputs.append(Pipe(self.commp.write, name=f"commp-{number}"))
             if sink is not None:
                 self.outputs.append(Pipe(sink.write, name=f"car-{number}"))
-        for output in self.outputs:
-            output.put(car.placeholder_header(ROOT_CID_LEN))
+        self.pending = bytearray()  # laid out, not yet handed to the outputs (see _write)
+        self._put(car.placeholder_header(ROOT_CID_LEN))
         self.offset = HEADER_LEN
         self.segments: list[tuple[int, list]] = []  # (end, [start, kind, ...]) not yet handed out
         self.run: list | None = None  # [start, "L", version, first_leaf, count]
@@ -187,10 +188,27 @@ class BinLayout:
     # ------------------------------------------------------------ emitting
 
     def _write(self, data: bytes) -> None:
-        for output in self.outputs:
-            output.put(data)
+        # Small pieces (section prefixes, small files' leaves) are gathered into one hand-over per
+        # COALESCE bytes: each put() is a lock and a wake-up of both consumer threads.
+        if not self.outputs:
+            pass  # a planning layout: nothing consumes the bytes
+        elif len(data) >= COALESCE and not self.pending:
+            self._put(data)
+        else:
+            self.pending += data
+            if len(self.pending) >= COALESCE:
+                self._flush_pending()
         self.offset += len(data)
         self.budget.emitted = self.offset
+
+    def _flush_pending(self) -> None:
+        if self.pending:
+            data, self.pending = bytes(self.pending), bytearray()
+            self._put(data)
+
+    def _put(self, data: bytes) -> None:
+        for output in self.outputs:
+            output.put(data)
 
     def _close_run(self) -> None:
         if self.run is not None:
@@ -318,6 +336,7 @@ class BinLayout:
     def close_outputs(self) -> None:
         """Wait for commP and the sink to take every byte, then stop their threads."""
         try:
+            self._flush_pending()
             for output in self.outputs:
                 output.drain()
         finally:
