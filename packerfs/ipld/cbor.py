@@ -168,9 +168,9 @@ def _encode_general(value: Any, out: bytearray) -> None:
         raise CBORError(f"cannot encode {type(value).__name__}")
 
 
-def encode_head(major: int, n: int) -> bytes:
-    """A CBOR item head, for splicing pre-encoded items (e.g. an array of n entries)."""
-    return _head(major, n)
+# A CBOR item head, for splicing pre-encoded items (e.g. an array of n entries): _head itself, since
+# the hand-written encoders call it once per field.
+encode_head = _head
 
 
 def decode(data: bytes) -> Any:

@@ -67,10 +67,21 @@ class Budget:
         self.manifest_bytes = manifest_fixed  # bound on the manifest's encoding
         self.reserved = 0  # links in the .packerfs node besides the manifest's
         self.frames: list[Frame] = []
+        self._overheads = (-1, 0, -1, 0)  # (manifest bytes, overhead) twice: see manifest_overhead
 
     def manifest_overhead(self, manifest_bytes: int | None = None) -> int:
         m = self.manifest_bytes if manifest_bytes is None else manifest_bytes
-        return costs.file_bound(m) + _MANIFEST_FIXED
+        # Each entry asks for the overhead at the current and at the grown manifest size, and then
+        # the grown size becomes the current one: the two answers used last are kept.
+        cached = self._overheads
+        if m == cached[0]:
+            return cached[1]
+        if m == cached[2]:
+            self._overheads = (m, cached[3], cached[0], cached[1])
+            return cached[3]
+        value = costs.file_bound(m) + _MANIFEST_FIXED
+        self._overheads = (m, value, cached[0], cached[1])
+        return value
 
     def total(self) -> int:
         return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead() + self.reserved
@@ -83,7 +94,8 @@ class Budget:
         top = self.frames[-1]
         link = costs.LINK_FIXED + link_name_bound
         dir_delta = costs.directory_bound(top.links_bytes + link, top.count + 1) - top.bound()
-        manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_entry) - self.manifest_overhead()
+        current = self.manifest_overhead()
+        manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_entry) - current
         return dir_delta + manifest_delta + content
 
     def open_frame(self, path: bytes, name: bytes) -> Frame:
