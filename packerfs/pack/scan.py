@@ -190,6 +190,7 @@ class BinWork:
     state: dict | None = None  # the scan state committed with the bin (the counters as of its planning)
     partial: str | None = None  # OUT/bin-N.car.partial, renamed once committed
     planned_read: int = 0  # plaintext its parts stand for (what progress counts for it)
+    applied: int = 0  # operations its sealer here applied since records were last flushed
 
 
 class Scan:
@@ -449,6 +450,7 @@ class Scan:
         ops, work.ops = work.ops, []
         for op in ops:
             work.sealer.apply(op)
+            work.applied += 1
             self._flush_live(work)
 
     def _op(self, op: tuple) -> None:
@@ -460,6 +462,7 @@ class Scan:
             work.ops.append(op)
             return
         work.sealer.apply(op)
+        work.applied += 1
         self._flush_live(work)
 
     def _sync(self, chain: list[Entry]) -> None:
@@ -562,13 +565,19 @@ class Scan:
         if len(results.segments) >= SEGMENT_FLUSH:
             self.index.commit(segments=[(work.number, end, record) for end, record in results.segments])
             results.segments = []
-        if len(work.records) < PENDING_FLUSH:
+        if work.applied < PENDING_FLUSH:
             return
+        work.applied = 0
         files, paths, done = [], [], []
+        # Records are in plan order and the sealer applies operations in that order, so the sealed
+        # ones come first: the walk stops at the first file not sealed yet. (When the last bin's
+        # operations were all planned before its sealer started, most of its records are ahead.)
         for version, record in work.records.items():
             leaves_end, last = work.ends[version]
-            if not last or (record["kind"] == FILE and version not in results.params):
+            if not last:
                 continue
+            if record["kind"] == FILE and version not in results.params:
+                break
             if version in results.params:
                 record["params"] = results.params.pop(version)
             record["complete"] = True
