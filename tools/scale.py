@@ -22,7 +22,7 @@ sparse: does the mount's background scan stay flat and bounded as the data set g
     MNT/.packerfs-status (bytes_scanned, bins_sealed, state; `packerfs status --json` reads the
     index and has no bytes_scanned, so it is called once, at the end) and, from /proc, the daemon's
     process tree (its FUSE reader workers, Dask workers): RSS, PSS, CPU time, and the bytes its
-    processes read (rchar: the source; the index is mmap-ed and sockets are not counted). The
+    processes read (rchar: the source, and the few bytes of Dask messages; the index is mmap-ed). The
     bytes read are the fine-grained progress measure: when bins are sealed by Dask workers,
     bytes_scanned moves a whole bin at a time. It stops once --run bytes are scanned or read
     (default: when the scan ends), the scan ends, nothing moves for --stall s, or the daemon dies,

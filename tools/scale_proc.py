@@ -4,9 +4,10 @@ A packerfs run is several processes: the mount daemon forks worker processes bef
 else, and bins may be sealed by Dask worker processes. TreeSampler walks the tree under one root
 every `period` seconds and keeps, per process, the kernel's own high-water mark (VmHWM, so a peak
 between two samples is not missed while the process lives), its CPU time and the bytes it has
-passed to read()/pread() (rchar in /proc/PID/io: reads of the source, not of the mmap-ed index nor
-of sockets); and for the tree the largest sum of VmRSS and of PSS seen at one sample, and the CPU
-time and bytes read of every process it has seen (the last values seen of those that exited). RSS summed over forked processes counts the pages they share
+passed to read()/pread() (rchar in /proc/PID/io: reads of the source and of sockets, where Dask's
+messages are small, not of the mmap-ed index); and for the tree the largest sum of VmRSS and of PSS seen at one sample, and the CPU
+time and bytes read of every process it has seen (the last values seen of those that exited;
+a parent's rchar, which Linux grows by the counters of each child it reaps, less those). RSS summed over forked processes counts the pages they share
 once per process; PSS (from smaps_rollup) splits shared pages between them, so the tree's PSS is
 the honest total and its RSS sum an upper bound.
 
@@ -168,6 +169,10 @@ class TreeSampler:
     read: dict[Proc, int] = field(default_factory=dict)  # each process's rchar, last seen
     labels: dict[Proc, str] = field(default_factory=dict)  # each process's command line, shortened
     parents: dict[Proc, int] = field(default_factory=dict)  # each process's parent pid when first seen
+    # rchar a process took over from children it reaped: Linux adds a reaped child's I/O counters to
+    # its parent's /proc/PID/io, which would count the child's reads twice
+    absorbed: dict[Proc, int] = field(default_factory=dict)
+    _alive: set[Proc] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -197,6 +202,12 @@ class TreeSampler:
         if not members:
             return None
         root_rss = tree_rss = tree_pss = 0
+        by_pid = {p.pid: p for p in members}
+        for gone in self._alive - set(members):
+            parent = by_pid.get(self.parents.get(gone))
+            if parent is not None:
+                self.absorbed[parent] = self.absorbed.get(parent, 0) + self.read.get(gone, 0)
+        self._alive = set(members)
         for p in members:
             mem = memory_kib(p)
             if mem is None:
@@ -208,7 +219,8 @@ class TreeSampler:
                 self.parents[p] = parent_pid(p)
             self.hwm_kib[p] = max(hwm, self.hwm_kib.get(p, 0))
             self.cpu_s[p] = cpu_seconds(p) or self.cpu_s.get(p, 0.0)
-            self.read[p] = bytes_read(p) or self.read.get(p, 0)
+            own = (bytes_read(p) or 0) - self.absorbed.get(p, 0)
+            self.read[p] = max(own, self.read.get(p, 0))
             tree_rss += rss
             tree_pss += pss_kib(p) or rss
             if p == self.root:
