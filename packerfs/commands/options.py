@@ -147,8 +147,9 @@ def add_parallel_options(p: argparse.ArgumentParser, *, collect: bool = False) -
     p.add_argument(
         "--workers", metavar="N", type=positive_int,
         help="seal bins in parallel on a Dask LocalCluster of N worker processes on this machine "
-        "(default: $PACKERFS_WORKERS, else the number of cores; 1 seals in this process). Used when the "
-        "plan has at least two bins to seal",
+        "(default: $PACKERFS_WORKERS, else the number of cores; 1 seals in this process). Started only when the "
+        "plan has at least two bins that can be sealed apart (the bins an OpenPGP file runs through are sealed "
+        "one after another)",
     )
     p.add_argument(
         "--scheduler", metavar="ADDRESS",
