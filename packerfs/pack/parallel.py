@@ -219,7 +219,10 @@ class Pool:
         except BaseException:
             self.close()
             raise
-        self.limit = 2 * self.nworkers
+        # Bins handed over and not yet committed: one running per worker and one waiting. Each holds
+        # its records here until it is committed (about 3 KiB per file), so more in flight would only
+        # cost memory: a 256 MiB bin of 4 KiB files is 65,000 files.
+        self.limit = self.nworkers + 1
         # a local cluster shares this machine's cores; a remote worker keeps the kernel's default
         self.kernel_threads = max(1, (os.cpu_count() or 1) // self.nworkers) if self.cluster is not None else 0
         self.advance = lambda n: None  # the scan's progress (it may raise to stop the wait)
