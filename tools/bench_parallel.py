@@ -5,8 +5,11 @@
 Three trees of --size each, written once to a temporary directory (page cache warm for both):
 - large files (64–256 MiB), age: parts are independent, so bins spread over the workers;
 - the same, OpenPGP (a throwaway gpg key): each split file's bins are sealed on one worker in
-  order (its CFB chain and MDC run through the file), so only bins of different files overlap;
-- one single file of --size, OpenPGP: the worst case, one chain through every bin.
+  order (its CFB chain and MDC run through the file), so only bins of different files overlap
+  (with files cut at nearly every bin boundary the whole tree is one chain, sealed here);
+- one single file of --size, OpenPGP: the worst case, one chain through every bin (the plan has
+  one sealing task, so `--workers 2` seals it in the packerfs process: the ratio shows what
+  deciding that costs, about nothing).
 
 Each pack is timed end to end as a subprocess (LocalCluster start-up included) with a fresh
 state and OUT; the figure is the time ratio workers-1 ÷ workers-2 (2.0 would be perfect on two
