@@ -43,7 +43,7 @@ from typing import Iterator
 
 import pytest
 
-from objstores import free_port  # one free-port picker for every test server
+from objstores import _tail, free_port  # one free-port picker and log tail for every test server
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -99,14 +99,6 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(extra or {})
     return env
 
-
-def _tail(path: Path, limit: int = 3000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"<no log: {exc}>"
-    text = data[-limit:].decode("utf-8", "replace")
-    return text if text.strip() else "<log is empty>"
 
 
 def _live_group_members(pgid: int) -> list[int]:
