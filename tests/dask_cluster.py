@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -271,12 +272,16 @@ def _stop_all_at_exit() -> None:  # safety net; the finally below is the real me
 
 
 def _wait_listening(proc: _Proc, port: int, deadline: float) -> bool:
-    """Until the scheduler accepts TCP connections: True; False if it exited or time ran out."""
+    """Until the scheduler itself says it listens on `port` and accepts TCP connections: True; False if
+    it exited or time ran out. (A connect alone is not proof: another process may have taken the port
+    between free_port() and the scheduler's bind, and the scheduler then exits with EADDRINUSE.)"""
+    listening = re.compile(rf"Scheduler at:\s+tcp://{re.escape(LOOPBACK)}:{port}\b")
     while time.monotonic() < deadline and proc.alive:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((LOOPBACK, port)) == 0:
-                return True
+        if listening.search(proc.log()):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                if s.connect_ex((LOOPBACK, port)) == 0:
+                    return proc.alive
         time.sleep(0.05)
     return False
 
