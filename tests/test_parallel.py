@@ -61,6 +61,20 @@ def copy_state(state: Path, to: Path) -> Path:
     return to
 
 
+def reference_pack(tmp_path: Path, seed: int) -> tuple[Path, Path, Path]:
+    """12 files of 8 MiB in 8 MiB bins (long enough that a worker or the coordinator is caught sealing
+    one), a planned state, and the CARs a one-process pack makes from a copy of it: (src, state, OUT)."""
+    src = tmp_path / "src"
+    for i in range(12):
+        write_random(src / f"f{i:02d}.bin", 8 * MiB + i, seed + i)
+    state = tmp_path / "state0"
+    packerfs("plan", src, "-t", state, "--bin-size", "8MiB", "--no-encryption", "--json")
+    reference = tmp_path / "reference"
+    packerfs("pack", src, reference, "-t", copy_state(state, tmp_path / "s1"), "--bin-size", "8MiB",
+             "--no-encryption", "--workers", "1")
+    return src, state, reference
+
+
 @pytest.fixture
 def age_key(tmp_path):
     key = tmp_path / "key.txt"
@@ -177,14 +191,7 @@ def test_pack_on_a_real_cluster_verifies_unpacks_and_the_mount_serves_the_same_b
 
 
 def test_a_worker_killed_mid_bin_has_its_bin_sealed_again_with_the_same_bytes(tmp_path, dask_scheduler):
-    src = tmp_path / "src"
-    for i in range(12):  # 96 MiB in 8 MiB bins: long enough that a worker is caught sealing one
-        write_random(src / f"f{i:02d}.bin", 8 * MiB + i, 10 + i)
-    state = tmp_path / "state0"
-    packerfs("plan", src, "-t", state, "--bin-size", "8MiB", "--no-encryption", "--json")
-    reference = tmp_path / "reference"
-    packerfs("pack", src, reference, "-t", copy_state(state, tmp_path / "s1"), "--bin-size", "8MiB",
-             "--no-encryption", "--workers", "1")
+    src, state, reference = reference_pack(tmp_path, seed=10)
     out = tmp_path / "out"
     killed = []
 
@@ -290,14 +297,7 @@ def test_collect_brings_the_cars_back_from_the_workers(tmp_path, dask_scheduler)
 def test_a_coordinator_killed_mid_run_resumes_at_its_sealed_bins(tmp_path):
     import signal
 
-    src = tmp_path / "src"
-    for i in range(12):
-        write_random(src / f"f{i:02d}.bin", 8 * MiB + i, 30 + i)
-    state = tmp_path / "state0"
-    packerfs("plan", src, "-t", state, "--bin-size", "8MiB", "--no-encryption", "--json")
-    reference = tmp_path / "reference"
-    packerfs("pack", src, reference, "-t", copy_state(state, tmp_path / "s1"), "--bin-size", "8MiB",
-             "--no-encryption", "--workers", "1")
+    src, state, reference = reference_pack(tmp_path, seed=30)
     out = tmp_path / "out"
     run_state = copy_state(state, tmp_path / "s2")
     from conftest import PACKERFS, ROOT
