@@ -1,5 +1,10 @@
 """CARv1: a header naming one root, then sections `uvarint(len) || cid || block`.
 
+The reader also opens CARv2 (an 11-byte pragma, a 40-byte header giving the
+inner CARv1 payload's offset and size, then that payload, then an optional
+index the reader ignores), reporting offsets in the outer file, and accepts any
+number of roots: a check of exactly one root is the caller's (packerfs CARs).
+
 The writer side is split in two so that a CAR can be *planned* without its
 bytes: `section_prefix()` and `header()` give exact lengths and bytes for any
 block, so the pack layout can place every block at its final offset and serve
@@ -23,6 +28,10 @@ from packerfs.ipld.cid import check_block, decode_uvarint, encode_uvarint, read_
 # making us allocate gigabytes.
 MAX_SECTION = 8 << 20
 MAX_HEADER = 1 << 16
+# CARv2: a CARv1-style header {version: 2} of 10 bytes, then characteristics (16 bytes) and the
+# data offset, data size and index offset (u64 little-endian each).
+V2_PRAGMA = bytes.fromhex("0aa16776657273696f6e02")
+V2_HEADER_LENGTH = 40
 
 
 def header(root: bytes) -> bytes:
@@ -121,18 +130,64 @@ class NotRegularFile(FormatError):
     """A path given or found as a CAR is a directory, FIFO, socket or device."""
 
 
+class _WindowedFile:
+    """seek/read over a remote object's ranged reads, one WINDOW fetched at a time: walking the
+    section headers of a remote CAR is then one request per WINDOW (a streaming read of the CAR),
+    not one per block."""
+
+    WINDOW = 8 << 20
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.size = obj.size
+        self.pos = 0
+        self.start = 0
+        self.data = b""
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int) -> bytes:
+        end = self.pos + n
+        if not (self.start <= self.pos and end <= self.start + len(self.data)):
+            if n > self.WINDOW:
+                data = self.obj.read(self.pos, n)
+                self.pos += len(data)
+                return data
+            self.start = self.pos
+            self.data = self.obj.read(self.pos, min(self.WINDOW, max(self.size - self.pos, 0)))
+        out = self.data[self.pos - self.start : end - self.start]
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.data = b""
+
+
 class CarReader:
-    """Sequential reader over one CARv1 file.
+    """Sequential reader over one CAR file, v1 or v2 (`version`; for v2 the sections lie in
+    [data_offset, data_end) and every offset is in the outer file). `roots` may hold any number.
 
     sections() walks the section headers without reading block bytes (seeking
     past them), so a large set indexes quickly; blocks() reads and verifies.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fsdecode(path)
-        self.file = os.fdopen(open_regular(path), "rb")
+    def __init__(self, path):
+        """`path`: a file's path, or an object with `display`, `size` and `read(offset, length)` (a
+        remote CAR: packerfs.unpack.locations.CarObject), read in large sequential windows."""
+        if hasattr(path, "read") and hasattr(path, "size"):
+            self.path = path.display
+            self.file = _WindowedFile(path)
+        else:
+            self.path = os.fsdecode(path)
+            self.file = os.fdopen(open_regular(path), "rb")
         try:
-            self.size = os.fstat(self.file.fileno()).st_size
+            self.size = self.file.size if isinstance(self.file, _WindowedFile) else os.fstat(self.file.fileno()).st_size
+            self.version = 1
+            self.data_offset = 0  # where the CARv1 payload starts (CARv2: inside the outer file)
+            self.data_end = self.size  # and where it ends
+            self._read_v2_header()
+            # header_length: where the first section starts, in the outer file
             self.roots, self.header_length = self._read_header()
         except BaseException:
             self.file.close()
@@ -152,7 +207,7 @@ class CarReader:
 
     def _read_varint_at(self, offset: int, what: str) -> tuple[int, int]:
         self.file.seek(offset)
-        head = self.file.read(10)
+        head = self.file.read(min(10, max(self.data_end - offset, 0)))
         if not head:
             raise self._fail(f"file ends where a {what} length was expected", offset, TruncatedInput)
         try:
@@ -163,34 +218,67 @@ class CarReader:
             raise self._fail(f"bad {what} length: {first_line(exc)}", offset) from None
         return value, offset + used
 
+    def _read_v2_header(self) -> None:
+        """If the file starts with the CARv2 pragma, read its header and narrow the reader to the
+        inner CARv1 payload."""
+        self.file.seek(0)
+        head = self.file.read(len(V2_PRAGMA) + V2_HEADER_LENGTH)
+        if head[: len(V2_PRAGMA)] != V2_PRAGMA:
+            return
+        start = len(V2_PRAGMA)
+        if len(head) < start + V2_HEADER_LENGTH:
+            raise self._fail("file ends inside the CARv2 header", start, TruncatedInput)
+        data_offset = int.from_bytes(head[start + 16 : start + 24], "little")
+        data_size = int.from_bytes(head[start + 24 : start + 32], "little")
+        index_offset = int.from_bytes(head[start + 32 : start + 40], "little")
+        if data_offset < start + V2_HEADER_LENGTH or data_size == 0:
+            raise self._fail(f"bad CARv2 header: data offset {data_offset}, data size {data_size}", start)
+        if data_offset + data_size > self.size:
+            raise self._fail(
+                f"CARv2 header announces data up to offset {data_offset + data_size}, but the file has "
+                f"{self.size} bytes",
+                start,
+                TruncatedInput,
+            )
+        if index_offset and index_offset < data_offset + data_size:
+            raise self._fail(f"bad CARv2 header: index offset {index_offset} lies inside the data", start)
+        self.version = 2
+        self.data_offset, self.data_end = data_offset, data_offset + data_size
+
     def _read_header(self) -> tuple[list[bytes], int]:
-        length, pos = self._read_varint_at(0, "header")
+        base = self.data_offset
+        inner = "the CARv2 payload is not a CARv1" if self.version == 2 else "not a CARv1 or CARv2 file"
+        length, pos = self._read_varint_at(base, "header")
         if length == 0 or length > MAX_HEADER:
-            raise self._fail(f"not a CARv1 file: header length {length}", 0)
+            raise self._fail(f"{inner}: header length {length}", base)
         self.file.seek(pos)
-        body = self.file.read(length)
+        body = self.file.read(min(length, max(self.data_end - pos, 0)))
         if len(body) < length:
             raise self._fail("file ends inside the CAR header", pos, TruncatedInput)
         try:
             decoded = cbor.decode(body)
         except cbor.CBORError as exc:
-            raise self._fail(f"not a CARv1 file: header is not DAG-CBOR ({exc})", pos) from None
+            raise self._fail(f"{inner}: header is not DAG-CBOR ({exc})", pos) from None
         if not isinstance(decoded, dict) or decoded.get("version") != 1:
-            raise self._fail("not a CARv1 file: header version is not 1", pos)
+            version = decoded.get("version") if isinstance(decoded, dict) else None
+            shown = f" (version {version!r})" if isinstance(version, int) else ""
+            raise self._fail(f"{inner}: header version is not 1{shown}", pos)
         roots = decoded.get("roots")
-        if not isinstance(roots, list) or not roots or not all(isinstance(r, cbor.Link) for r in roots):
+        if not isinstance(roots, list) or not all(isinstance(r, cbor.Link) for r in roots):
             raise self._fail("CAR header has no valid roots", pos)
         return [bytes(r) for r in roots], pos + length
 
     def sections(self) -> Iterator[Section]:
         offset = self.header_length
-        while offset < self.size:
+        end = self.data_end
+        while offset < end:
             length, pos = self._read_varint_at(offset, "section")
             if length == 0 or length > MAX_SECTION:
                 raise self._fail(f"implausible section length {length}", offset)
-            if pos + length > self.size:
+            if pos + length > end:
+                where = "the CARv2 payload" if self.version == 2 else "file"
                 raise self._fail(
-                    f"file ends inside a section: {length} bytes announced, {self.size - pos} present",
+                    f"{where} ends inside a section: {length} bytes announced, {end - pos} present",
                     offset,
                     TruncatedInput,
                 )

@@ -166,20 +166,50 @@ def cid_multihash(cid: bytes) -> tuple[int, bytes]:
     return code, cid[pos : pos + length]
 
 
+# Hash functions a block's CID may use: multicodec code -> (name, digest length, hashlib constructor).
+# Foreign CAR sets are mostly sha2-256; the others cost nothing with hashlib.
+HASHES = {
+    SHA2_256: ("sha2-256", 32, hashlib.sha256),
+    0x13: ("sha2-512", 64, hashlib.sha512),
+    0x16: ("sha3-256", 32, hashlib.sha3_256),
+    0x14: ("sha3-512", 64, hashlib.sha3_512),
+    0xB220: ("blake2b-256", 32, lambda data: hashlib.blake2b(data, digest_size=32)),
+    0xB240: ("blake2b-512", 64, lambda data: hashlib.blake2b(data, digest_size=64)),
+    0xB260: ("blake2s-256", 32, lambda data: hashlib.blake2s(data, digest_size=32)),
+}
+
+
 def block_matches(cid: bytes, data: bytes | memoryview) -> bool:
-    """True if `data` hashes to `cid`. Only sha2-256 and identity are accepted."""
+    """True if `data` hashes to `cid`. Unknown hash functions (and wrong digest lengths) never match."""
     code, digest = cid_multihash(cid)
     if code == SHA2_256:
         return hashlib.sha256(data).digest() == digest
     if code == IDENTITY:
         return len(digest) <= MAX_IDENTITY_DIGEST and bytes(data) == digest
-    return False
+    known = HASHES.get(code)
+    if known is None or len(digest) != known[1]:
+        return False
+    return known[2](data).digest() == digest
+
+
+def hash_problem(cid: bytes) -> str | None:
+    """Why blocks named by `cid` cannot be checked (an unknown hash function, a digest of the wrong
+    length), or None."""
+    code, digest = cid_multihash(cid)
+    if code == IDENTITY:
+        return None if len(digest) <= MAX_IDENTITY_DIGEST else f"identity CID inlines {len(digest)} bytes"
+    known = HASHES.get(code)
+    if known is None:
+        return f"uses unsupported hash function 0x{code:x}"
+    if len(digest) != known[1]:
+        return f"has a {known[0]} digest of {len(digest)} bytes, not {known[1]}"
+    return None
 
 
 def check_block(cid: bytes, data: bytes | memoryview, *, path: str | None = None, offset: int | None = None) -> None:
-    """Raise CorruptBlock unless `data` hashes to `cid`."""
+    """Raise CorruptBlock unless `data` hashes to `cid` (FormatError if the CID's hash cannot be checked)."""
     if not block_matches(cid, data):
-        code, _ = cid_multihash(cid)
-        if code not in (SHA2_256, IDENTITY):
-            raise FormatError(f"block {cid_to_str(cid)} uses unsupported hash function 0x{code:x}", path=path, offset=offset)
+        why = hash_problem(cid)
+        if why is not None:
+            raise FormatError(f"block {cid_to_str(cid)} {why}", path=path, offset=offset)
         raise CorruptBlock(f"block does not match its CID {cid_to_str(cid)}", path=path, offset=offset)

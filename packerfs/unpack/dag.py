@@ -208,7 +208,10 @@ class FileDag:
             i += 1
 
     def leaves(self, cid: bytes, size: int, depth: int = 0):
-        """(leaf cid, expected size) of every leaf in order, reading only the nodes."""
+        """(leaf cid, expected size) of every leaf in order, reading only the nodes.
+
+        A raw leaf's block is `size` bytes; a dag-pb leaf (a file node without links, foreign
+        sets only) is yielded too, with the size of the content it holds inline."""
         if depth > MAX_DEPTH:
             raise _fail(self.src, cid, "file DAG is implausibly deep")
         if cid_codec(cid) == RAW:
@@ -217,6 +220,9 @@ class FileDag:
         node = self.load_node(cid)
         if node.filesize != size:
             raise _fail(self.src, cid, f"file node holds {node.filesize} bytes, its parent says {size}")
+        if not node.links:
+            yield cid, size  # a dag-pb leaf (its bytes inline), as kubo writes without raw leaves
+            return
         for child, child_size in zip(node.links, node.sizes):
             yield from self.leaves(child, child_size, depth + 1)
 
