@@ -24,8 +24,11 @@ An entry (a map) describes one directory, symlink or file part in this bin:
     part      1-based part number, and `parts` the number of parts
     offset    where this part starts in the stream, and `length` its stream bytes
     cid       the part's UnixFS root CID
+    at        the section offset of that root block in this CAR (packerfs/locator.py: how a
+              remote reader finds the part's blocks without walking the CAR); absent in CARs
+              written before the tail locator existed
   symlinks only:
-    target    the link target (bytes), and `cid` its UnixFS node
+    target    the link target (bytes), and `cid` its UnixFS node, at section offset `at`
 
 Paths are bytes because POSIX names need not be UTF-8.
 The encoder streams: entries are encoded one by one as they are placed and
@@ -87,10 +90,10 @@ def _worst_case(kind: str) -> dict:
     if kind == "file":
         entry.update(
             name=b"", version=_MAX_INT, size=_MAX_INT, stream=_MAX_INT, part=_MAX_INT,
-            parts=_MAX_INT, offset=_MAX_INT, length=_MAX_INT, cid=_FAKE_CID,
+            parts=_MAX_INT, offset=_MAX_INT, length=_MAX_INT, cid=_FAKE_CID, at=_MAX_INT,
         )
     elif kind == "symlink":
-        entry.update(target=b"", cid=_FAKE_CID)
+        entry.update(target=b"", cid=_FAKE_CID, at=_MAX_INT)
     return entry
 
 
@@ -223,6 +226,8 @@ def _check_entry(raw, i: int) -> dict:
             raise bad(f"{raw['parts']} parts is impossible for a stream of {raw['stream']} bytes")
     if kind == "symlink" and len(raw["target"]) > MAX_TARGET:
         raise bad(f"symlink target is {len(raw['target'])} bytes long (at most {MAX_TARGET})")
+    if "at" in raw and not _int_in(raw["at"], 0, MAX_BIN_BYTES):
+        raise bad(f"section offset {_num(raw['at'])} lies outside any bin")
     entry = dict(raw)
     if kind in ("file", "symlink"):
         cid = raw.get("cid")

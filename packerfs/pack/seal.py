@@ -194,9 +194,10 @@ class BinSealer:
         layout = self.layout
         block = symlink_block(entry.target)
         layout.emit_stored(block.cid, block.data)
+        at = layout.last_section
         layout.add_entry(entry.name, block.cid, len(block.data))
         meta = manifest_base(entry)
-        meta.update(target=entry.target, cid=block.cid)
+        meta.update(target=entry.target, cid=block.cid, at=at)
         layout.add_manifest_entry(meta, manifest.entry_bound("symlink", entry.path, target=entry.target))
 
     def _encryptor(self, entry, version: int, first_leaf: int, params: bytes | None):
@@ -299,7 +300,7 @@ class BinSealer:
         meta.update(
             name=entry.path[: -len(entry.name)] + name, version=version, size=entry.size, stream=stream_size,
             part=part + 1, parts=parts, offset=offset,
-            length=min(stream_size, end * CHUNK_SIZE) - offset, cid=root.cid,
+            length=min(stream_size, end * CHUNK_SIZE) - offset, cid=root.cid, at=layout.last_section,
         )
         layout.add_manifest_entry(meta, file_manifest_bound(entry, cipher)[1])
         self.results.add_params(version, carry.encryptor.params())

@@ -27,7 +27,7 @@ import zlib
 
 from dataclasses import dataclass, field
 
-from packerfs import manifest
+from packerfs import locator, manifest
 from packerfs.ipld import car
 from packerfs.ipld.unixfs import CHUNK_SIZE, Entry, FileBuilder, FileNodeBlock, directory_blocks, raw_leaf
 from packerfs.ipld.cid import cid_to_str
@@ -84,7 +84,10 @@ class Budget:
         return value
 
     def total(self) -> int:
-        return self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead() + self.reserved
+        return (
+            self.emitted + sum(f.bound() for f in self.frames) + self.manifest_overhead() + self.reserved
+            + locator.SECTION_LENGTH
+        )
 
     def available(self) -> int:
         return self.capacity - self.total()
@@ -191,6 +194,8 @@ class BinLayout:
         self.meta_entries: list[Entry] = []  # files under .packerfs/ besides the manifest (snapshot parts)
         self.snapshot: dict | None = None  # the manifest's `snapshot` map, when this bin holds a part
         self.file_records = 0  # file versions with a part here
+        self.last_section = 0  # section offset of the block laid out last (a part's root, at its end)
+        self.snapshot_at = 0  # section offset of the snapshot part's root block, for the tail locator
         self.payload_bytes = 0  # stream bytes of those parts
 
     @property
@@ -229,7 +234,7 @@ class BinLayout:
 
     def emit_stored(self, cid: bytes, block: bytes) -> None:
         self._close_run()
-        start = self.offset
+        start = self.last_section = self.offset
         section = car.section_prefix(cid, len(block)) + block
         self._write(section)
         packed = zlib.compress(section, 6)
@@ -241,6 +246,7 @@ class BinLayout:
         if run is None or run[2] != version or run[3] + run[4] != leaf_index or run[4] == MAX_RUN:
             self._close_run()
             run = self.run = [self.offset, "L", version, leaf_index, 0]
+        self.last_section = self.offset
         self._write(car.section_prefix(cid, len(data)))
         self._write(data)
         run[4] += 1
@@ -254,7 +260,7 @@ class BinLayout:
             self.emit_stored(block.cid, block.data)
             return
         self._close_run()
-        start = self.offset
+        start = self.last_section = self.offset
         self._write(car.section_prefix(block.cid, len(block.data)))
         self._write(block.data)
         self.segments.append((self.offset, [start, "N", version, next_leaf - block.children, block.children, block.cid]))
@@ -292,6 +298,7 @@ class BinLayout:
         for block in tail:
             self.emit_stored(block.cid, block.data)
         entry = Entry(name, root.cid, root.tsize)
+        self.snapshot_at = self.last_section  # the root is the block laid out last
         self.meta_entries.append(entry)
         self.is_empty = False
         return entry
@@ -365,6 +372,7 @@ class BinLayout:
             self.dataset, self.number, self.cipher_name, self.recipients, self.manifest_entries, self.manifest_count,
             snapshot=self.snapshot,
         )
+        meta_start = self.offset
         builder = FileBuilder()
         for offset in range(0, max(len(data), 1), CHUNK_SIZE):
             piece = data[offset : offset + CHUNK_SIZE]
@@ -385,6 +393,7 @@ class BinLayout:
         blocks, root = directory_blocks(root_frame.entries)
         for block in blocks:
             self.emit_stored(block.cid, block.data)
+        self.emit_stored(*locator.encode(meta_start, self.snapshot_at))
         header = car.header(root.cid)
         assert len(header) == HEADER_LEN
         self.segments.insert(0, (HEADER_LEN, [0, "R", header]))
