@@ -7,8 +7,17 @@ import json
 import os
 import sys
 
-from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, add_parallel_options, open_engine, pool_factory
+from packerfs.commands.options import (
+    EPILOG, SRC_HELP, add_pack_options, add_parallel_options, open_engine, pool_factory, source_options,
+)
 from packerfs.progress import progress
+
+
+OUT_HELP = (
+    "a directory, or an object-store prefix the CARs and manifests are uploaded to: s3://BUCKET/PREFIX, "
+    "gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (configured as SRC is; each CAR is uploaded in parts while it "
+    "is generated and appears only once complete; objects already there with the same size and root are kept)"
+)
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -21,29 +30,46 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from packerfs.source.walk import excluded_paths
 
     state_dir = args.temp or default_state_dir(args.source)
+    to_store = is_url(args.output)
     if os.path.isdir(args.source):
         # before the lock or anything else is written: OUT or STATE being SRC or above it is refused
-        excluded_paths(args.source, ("output directory", args.output), ("state directory", state_dir))
+        excluded_paths(
+            args.source, None if to_store else ("output directory", args.output), ("state directory", state_dir)
+        )
     make_pool = pool_factory(args)  # a bad --scheduler is a usage error before anything is locked
-    lock = lock_state(state_dir, f"packing {args.source if is_url(args.source) else os.path.abspath(args.source)}")
-    engine = open_engine(args)
+    store = _open_output_store(args) if to_store else None  # a missing bucket or a 403: before any work
+    try:
+        lock = lock_state(state_dir, f"packing {args.source if is_url(args.source) else os.path.abspath(args.source)}")
+        engine = open_engine(args)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     try:
         with progress("packing", None) as advance:
-            # New bins are written while the source is read; write() below adds any sealed earlier.
+            # New bins are written while the source is read (to a directory; a bucket's are uploaded
+            # below, generated again from the index); write() below adds any sealed earlier.
             report = engine.scan(
-                skip_unreadable=args.skip_unreadable, advance=advance, car_dir=args.output,
+                skip_unreadable=args.skip_unreadable, advance=advance, car_dir=None if to_store else args.output,
                 repack_below=args.repack_below, pool_factory=make_pool,
             )
         bins = engine.bins()
         total = sum(b["car_size"] for b in bins if bin_status(b) == "current")
-        with progress("writing", total) as advance:
-            written = engine.write(args.output, advance)
+        with progress("uploading" if to_store else "writing", total) as advance:
+            if store is not None:
+                from packerfs.pack.writer import upload_cars
+
+                written = upload_cars(engine, store, advance)
+            else:
+                written = engine.write(args.output, advance)
     finally:
         engine.close()
         os.close(lock)
+        if store is not None:
+            store.close()
     skipped = [p for p in report.problems if p.fatal]
     result = {
-        "output": os.path.abspath(args.output),
+        "output": store.url if store is not None else os.path.abspath(args.output),
         "state_dir": engine.state_dir,
         "cars": [
             {
@@ -58,6 +84,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 "status": bin_status(b),
                 "written": b["bin"] not in written.retired and b["bin"] not in written.unavailable,
                 "sealed_on": b.get("sealed_on"),  # the Dask worker's address; null: sealed by packerfs itself
+                **({"url": store.object_url(car_name(b["bin"]))} if store is not None else {}),
             }
             for b in bins
         ],
@@ -77,6 +104,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
         "bytes_fetched": engine.source.bytes_fetched,  # from the source, this run: ~bytes_read (one read)
         "skipped": [{"path": os.fsdecode(p.path), "reason": p.reason} for p in report.problems],
     }
+    if store is not None:
+        # where the CARs went: uploaded by this run, or already there (same size and root) and kept
+        result["uploaded_bins"] = written.uploaded
+        result["kept_bins"] = [
+            b["bin"] for b in bins
+            if bin_status(b) == "current" and b["bin"] not in written.uploaded and b["bin"] not in written.unavailable
+        ]
     from packerfs.handoff import padding_warnings
 
     result["padding_warnings"] = padding_warnings(bins)
@@ -87,6 +121,38 @@ def cmd_pack(args: argparse.Namespace) -> int:
     for line in result["padding_warnings"]:
         print(f"packerfs: warning: {line}", file=sys.stderr)
     return EXIT_INCOMPLETE if skipped or written.unavailable else 0
+
+
+def _output_options(args: argparse.Namespace) -> dict[str, str]:
+    """The file-system options for an object-store OUT: --output-option, or else -o when SRC is a local
+    directory (they can only be meant for OUT; the source then gets none) or a store of OUT's kind."""
+    from packerfs.errors import UsageError
+    from packerfs.source import is_url
+    from packerfs.source.objects import parse_url
+
+    if getattr(args, "output_option", None):
+        options: dict[str, str] = {}
+        for pair in args.output_option:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--output-option {key!r}: write it as KEY=VALUE, e.g. --output-option endpoint_url=http://…")
+            options[key.strip()] = value
+        return options
+    if not getattr(args, "source_option", None):
+        return {}
+    if not is_url(args.source):
+        options = source_options(args)
+        args.source_option = None  # a local SRC takes no file-system options
+        return options
+    if parse_url(args.source).scheme == parse_url(args.output).scheme:
+        return source_options(args)
+    return {}
+
+
+def _open_output_store(args: argparse.Namespace):
+    from packerfs.source.upload import ObjectStore
+
+    return ObjectStore(args.output, _output_options(args)).open()
 
 
 def _print_pack_summary(result: dict) -> None:
@@ -283,8 +349,13 @@ def register(commands) -> None:
         epilog=EPILOG,
     )
     p.add_argument("source", metavar="SRC", help=SRC_HELP)
-    p.add_argument("output", metavar="OUT")
+    p.add_argument("output", metavar="OUT", help=OUT_HELP)
     add_pack_options(p)
+    p.add_argument(
+        "--output-option", action="append", metavar="KEY=VALUE",
+        help="for an s3://, gs:// or az:// OUT: an option for its fsspec file system (repeatable), as -o is for SRC; "
+        "without it, OUT takes the -o options when SRC is a directory or a store of the same kind",
+    )
     add_parallel_options(p, collect=True)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed; exit 3) instead of failing")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

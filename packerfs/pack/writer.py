@@ -3,6 +3,10 @@
 CARs are written through BinReader (the same bytes the mount serves) to a
 temporary name, synced, checked for length, then renamed: a CAR that exists
 under its final name is complete.
+
+OUT may also be an object-store prefix (s3://, gs://, az://; see
+packerfs.source.upload): each CAR is then uploaded while BinReader generates it,
+in parts, and exists under its name only once complete; the manifests follow.
 """
 
 from __future__ import annotations
@@ -11,11 +15,16 @@ import csv
 import io
 import json
 import os
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from packerfs.errors import PackerfsError
 from packerfs.pack.reader import BinReader
 from packerfs.ipld import car
+
+if TYPE_CHECKING:
+    from packerfs.pack import Engine
+    from packerfs.source.upload import ObjectStore
 
 CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "status"]
 
@@ -103,3 +112,59 @@ def write_manifests(bins: list[dict], out_dir: str) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(path + ".partial", path)
+
+
+MANIFESTS = ("manifest.csv", "manifest.json")
+
+
+@dataclass
+class UploadReport:
+    """What upload_cars did: WriteReport's fields, plus the bins this run uploaded."""
+
+    written: list[str] = field(default_factory=list)  # object URLs, current bins (kept or uploaded)
+    retired: list[int] = field(default_factory=list)
+    unavailable: list[int] = field(default_factory=list)
+    uploaded: list[int] = field(default_factory=list)  # uploaded by this run (the others were kept)
+
+
+def upload_cars(engine: "Engine", store: "ObjectStore", advance: Callable[[int], None] = lambda n: None) -> UploadReport:
+    """Engine.write for an object-store OUT: every current bin's CAR, then the manifests.
+
+    The same rules as for a directory: retired bins are not uploaded (an earlier copy stays and is
+    listed); a current bin that can no longer be generated is kept if present, else unavailable. An
+    object of the CAR's size whose header names the bin's root is kept, not uploaded again.
+    """
+    reader = engine.reader()
+    report = UploadReport()
+    listed = []
+    bins = engine.bins()
+    # what an interrupted run left unfinished (S3 multipart uploads) goes before anything is written
+    store.clean([car_name(b["bin"]) for b in bins] + list(MANIFESTS))
+    for result in bins:
+        name = car_name(result["bin"])
+        present = store.existing(name, result["car_size"], car.header(result["root"]))
+        if bin_status(result) == "retired":
+            report.retired.append(result["bin"])
+            if present:
+                listed.append(result)
+            continue
+        if present:
+            report.written.append(store.object_url(name))  # an earlier run's; `verify` re-checks content
+            listed.append(result)
+        elif result.get("regenerable", True):
+            expected = reader.size(result["bin"])
+            report.written.append(store.upload(name, reader.iter_bin(result["bin"]), expected, advance))
+            report.uploaded.append(result["bin"])
+            listed.append(result)
+        else:
+            report.unavailable.append(result["bin"])
+    upload_manifests(listed, store)
+    return report
+
+
+def upload_manifests(bins: list[dict], store: "ObjectStore") -> None:
+    """manifest.csv and manifest.json, after the CARs (an identical one already there is kept)."""
+    for name, text in zip(MANIFESTS, (manifest_csv(bins), manifest_json(bins))):
+        data = text.encode()
+        if store.read_small(name, len(data)) != data:
+            store.put(name, data)
