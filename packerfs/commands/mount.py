@@ -17,7 +17,9 @@ STATUS_FILE = ".packerfs-status"
 
 
 def register(commands) -> None:
-    from packerfs.commands.options import EPILOG, SRC_HELP, add_pack_options, add_parallel_options
+    from packerfs.commands.options import (
+        EPILOG, SRC_HELP, add_car_location_options, add_pack_options, add_parallel_options,
+    )
 
     p = commands.add_parser(
         "mount",
@@ -28,7 +30,8 @@ def register(commands) -> None:
         "stale files, errors). SRC is scanned in the background and bins appear as they are sealed; "
         "copy them out with cp or rsync. Returns once mounted and keeps serving in the background, "
         "logging to STATE/mount.log; `packerfs umount MNT` (or SIGTERM to the daemon) unmounts. "
-        "With --reverse, SRC is a directory of retrieved CARs (CARS) and MNT shows the original, decrypted "
+        "With --reverse, SRC is where the retrieved CARs are (CARS: a directory, a bucket prefix, a piece "
+        "gateway, as for `unpack`) and MNT shows the original, decrypted "
         "tree, read-only, each read checked against the blocks' CIDs; MNT/.packerfs-status (not listed) "
         "names missing bins and incomplete files. The CARs are indexed into STATE once; a remount with "
         "unchanged CARs reads none of them again, and SIGHUP to the daemon picks up added CARs.",
@@ -44,6 +47,7 @@ def register(commands) -> None:
     p.add_argument("--dataset", metavar="HEX", help="--reverse: use only the CARs of this data set (when several are mixed)")
     p.add_argument("--snapshot", metavar="ID", help="--reverse: show the tree of snapshot ID (default: the newest complete one)")
     add_pack_options(p)
+    add_car_location_options(p, object_options=False)  # -o comes with the pack options
     add_parallel_options(p)
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable files (listed in the status file)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr")
@@ -101,13 +105,14 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
             ("--bin-size", args.bin_size), ("--recipient", args.recipient), ("--recipients-file", args.recipients_file),
             ("--gpg-recipient", args.gpg_recipient), ("--no-encryption", args.no_encryption),
             ("--skip-unreadable", args.skip_unreadable), ("--repack-below", args.repack_below is not None),
-            ("--source-option", args.source_option),
         ) if given
     ]
     if pack_only:
         raise UsageError(f"{', '.join(pack_only)}: not an option of mount --reverse (the CARs say how they were made)")
+    from packerfs.commands.options import car_sources
+
     cars = args.source
-    if not os.path.exists(cars):
+    if "://" not in cars and not os.path.exists(cars):
         raise UsageError(f"{cars}: no such file or directory")
     dataset = None
     if args.dataset:
@@ -119,7 +124,7 @@ def cmd_mount_reverse(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     gpg_homedir = os.path.abspath(args.gpg_homedir) if args.gpg_homedir else None  # the daemon works in /
     keyring = KeyRing(args.identity or (), gpg_homedir)  # a missing or unreadable identity: here, in one line
-    cars = os.path.abspath(cars)
+    cars = car_sources(args, [cars if "://" in cars else os.path.abspath(cars)])
     state_dir = os.path.abspath(args.temp or default_reverse_state_dir(cars))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     log_path = os.path.join(state_dir, LOG_NAME)

@@ -222,7 +222,56 @@ def fraction(text: str) -> float:
     return value
 
 
+CARS_HELP = (
+    "where the CARs are: directories (every *.car in them), CAR files, s3://, gs:// or az:// prefixes, "
+    "or an http(s):// piece gateway (with --pieces or --piece; default: its /manifest.csv); CARs that "
+    "packerfs did not write (ipfs-car, kubo, data-prep tools) are read as plain UnixFS"
+)
+
+
+def add_car_location_options(p: argparse.ArgumentParser, *, object_options: bool = True) -> None:
+    """Where the CARs are, besides local paths: object stores and HTTP piece gateways."""
+    if object_options:
+        p.add_argument(
+            "-o", "--source-option", action="append", metavar="KEY=VALUE",
+            help="for s3://, gs:// or az:// CARS: an option for its fsspec file system (repeatable), as for "
+            "`pack` sources; credentials come from each SDK's usual environment and files",
+        )
+    p.add_argument(
+        "--piece", action="append", metavar="CID",
+        help="for an http(s):// piece gateway: fetch this piece (GET BASE/piece/CID; repeatable); or a whole "
+        "piece URL (http(s)://HOST/…/piece/CID), to add pieces from other servers",
+    )
+    p.add_argument(
+        "--pieces", metavar="CSV",
+        help="for an http(s):// piece gateway: fetch the pieces a manifest.csv names (a path or a URL); "
+        "default for a gateway: BASE/manifest.csv if it answers",
+    )
+    p.add_argument(
+        "--root", metavar="CID",
+        help="for CARs that packerfs did not write (ipfs-car, kubo, data-prep tools): the root of the tree "
+        "to read, when the CARs name several",
+    )
+
+
+def car_sources(args: argparse.Namespace, specs=None):
+    """Where the CARs are, from the command line (packerfs.unpack.carset.CarSources)."""
+    from packerfs.unpack.carset import CarSources
+
+    specs = specs if specs is not None else args.cars
+    if isinstance(specs, str):
+        specs = [specs]
+    pieces = getattr(args, "piece", None) or ()
+    urls = [p for p in pieces if "://" in p]
+    return CarSources(
+        tuple(specs) + tuple(urls), tuple(sorted(source_options(args).items())),
+        tuple(p for p in pieces if "://" not in p),
+        getattr(args, "pieces", None), getattr(args, "root", None),
+    )
+
+
 def add_carset_options(p: argparse.ArgumentParser) -> None:
+    add_car_location_options(p)
     p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
     p.add_argument(
         "--snapshot", metavar="ID",

@@ -7,14 +7,26 @@ import json
 import os
 import sys
 
-from packerfs.commands.options import EPILOG, add_carset_options
+from packerfs.commands.options import CARS_HELP, EPILOG, add_car_location_options, add_carset_options
 from packerfs.progress import progress
 
 
 def open_carset_from_args(args: argparse.Namespace):
     from packerfs.unpack.snapshots import open_carset
 
-    return open_carset(args.cars, dataset=args.dataset or None, snapshot=getattr(args, "snapshot", None))
+    from packerfs.commands.options import car_sources
+
+    return open_carset(car_sources(args), dataset=args.dataset or None, snapshot=getattr(args, "snapshot", None))
+
+
+def print_fetched(carset) -> None:
+    """For a remote set, one line on stderr: what reading it cost."""
+    if getattr(carset, "sources", None) is not None and carset.sources.remote:
+        stats = carset.stats()
+        print(
+            f"fetched {stats['bytes']:,} bytes in {stats['requests']:,} requests from {len(carset.cars)} "
+            f"remote CAR{'s' if len(carset.cars) != 1 else ''}", file=sys.stderr,
+        )
 
 
 def print_set_lines(carset, tree, out=None) -> bool:
@@ -45,6 +57,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
                 same_permissions=args.same_permissions,
             )
         incomplete, notes = set_lines(carset, tree)
+        print_fetched(carset)
     finally:
         carset.close()
     lines = list(incomplete)
@@ -85,6 +98,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     carset = open_carset_from_args(args)
     csv_path = args.manifest
+    if csv_path is None and args.pieces and "://" not in args.pieces:
+        csv_path = args.pieces  # a gateway's pieces, named by the pack's manifest.csv
     if csv_path is None and os.path.isdir(args.cars[0]):
         candidate = os.path.join(args.cars[0], "manifest.csv")
         csv_path = candidate if os.path.exists(candidate) else None
@@ -92,6 +107,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         size = sum(car.size for car in carset.cars)
         with progress("verifying", size) as advance:
             report = verify(carset, csv_path, progress=advance)
+        print_fetched(carset)
     finally:
         carset.close()
     if args.json:
@@ -119,6 +135,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     try:
         rows = ls(carset)
         incomplete = print_set_lines(carset, carset.tree())
+        print_fetched(carset)
     finally:
         carset.close()
     code = EXIT_INCOMPLETE if incomplete else 0
@@ -193,14 +210,14 @@ def register(commands) -> None:
     p = commands.add_parser(
         "unpack",
         help="restore the original tree from retrieved CAR files",
-        description="Read the CAR files in CARS (a directory, or files), check every block against its CID, "
+        description="Read the CAR files in CARS (see below), check every block against its CID, "
         "reassemble split files, decrypt them and restore the tree (contents, modes, mtimes, symlinks, empty "
         "directories) into OUT. Files are written under a temporary name and renamed only once fully verified. "
         "If bins are missing, every complete file is still restored, the incomplete ones are listed, and the "
         "exit code is 3. Existing files are never overwritten without --force.",
         epilog=EPILOG,
     )
-    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("output", metavar="OUT")
     p.add_argument("-i", "--identity", action="append", metavar="FILE", help="age identity or OpenSSH private key (repeatable)")
     p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home with the secret key (default: gpg's own)")
@@ -222,7 +239,7 @@ def register(commands) -> None:
         "CAR's size, payload CID and commP. Exit 1 if anything is wrong, with one line per problem.",
         epilog=EPILOG,
     )
-    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--manifest", metavar="CSV", help="manifest.csv to check piece CIDs against (default: CARS/manifest.csv)")
     p.add_argument("--json", action="store_true")
     add_carset_options(p)
@@ -234,7 +251,7 @@ def register(commands) -> None:
         description="List what a set of CARs holds: every path with its kind, size, number of parts and the bins "
         "they are in; files with parts in missing bins are marked incomplete.",
     )
-    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--json", action="store_true")
     add_carset_options(p)
     p.set_defaults(func=cmd_ls)
@@ -248,7 +265,8 @@ def register(commands) -> None:
         "given --snapshot ID. Exit 3 if the newest one is incomplete or a CAR is unusable.",
         epilog=EPILOG,
     )
-    p.add_argument("cars", metavar="CARS", nargs="+")
+    p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+    add_car_location_options(p)
     p.set_defaults(func=cmd_snapshots)

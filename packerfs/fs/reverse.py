@@ -33,10 +33,14 @@ THREADS = 4  # threads reading blocks and decrypting if every worker process die
 KEY_CHECK_FILES = 5  # files tried (in path order, complete ones first) before giving up on a key check
 
 
-def default_reverse_state_dir(cars: str) -> str:
-    """Under the user's cache directory, keyed by the CAR directory's real path."""
+def default_reverse_state_dir(cars) -> str:
+    """Under the user's cache directory, keyed by the CAR directory's real path (or the URLs)."""
+    from packerfs.unpack.carset import CarSources
+
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    key = hashlib.sha256(os.fsencode(os.path.realpath(cars))).hexdigest()[:16]
+    where = CarSources.of(cars)
+    shown = json.dumps([s if "://" in s else os.path.realpath(s) for s in where.specs] + list(where.pieces))
+    key = hashlib.sha256(os.fsencode(shown if where.remote or len(where.specs) > 1 else os.path.realpath(where.specs[0]))).hexdigest()[:16]
     return os.path.join(base, "packerfs", f"reverse-{key}")
 
 
@@ -98,6 +102,7 @@ def open_message(gen) -> bytes:
     return json.dumps({
         "open": gen.number,
         "cars": [car.path for car in carset.cars],
+        "sources": carset.sources.to_json(),
         "dataset": carset.dataset.hex() if carset.dataset else None,
         # the worker's tree must be the daemon's: the snapshot it chose, or the merged manifests
         "snapshot": gen.tree.snapshot.id if gen.tree.snapshot is not None else LEGACY,
@@ -132,7 +137,9 @@ class GenerationReaders:
             return b""
         from packerfs.unpack.snapshots import set_choice
 
-        carset = CarSet.open(request["cars"], dataset=request["dataset"], index=self.store.session())
+        from packerfs.unpack.carset import CarSources
+
+        carset = CarSet.open(CarSources.from_json(request["sources"]), dataset=request["dataset"], index=self.store.session())
         try:
             set_choice(carset, request.get("snapshot"))
             if [car.path for car in carset.cars] != request["cars"]:
@@ -170,7 +177,7 @@ class GenerationReaders:
 
 
 def _show(cars) -> str:
-    return cars if isinstance(cars, str) else " ".join(map(str, cars))
+    return cars if isinstance(cars, str) else str(cars) if not isinstance(cars, (list, tuple)) else " ".join(map(str, cars))
 
 
 def check_key(gen) -> None:

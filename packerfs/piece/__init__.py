@@ -293,6 +293,27 @@ def commp(data) -> PieceInfo:
     return h.finish()
 
 
+def commp_ranges(read: Callable[[int, int], bytes], size: int, name: str) -> PieceInfo:
+    """commP of `size` bytes read as read(offset, length) in ~16 MiB blocks (a remote CAR, say)."""
+    if not MIN_PAYLOAD <= size <= MAX_PAYLOAD:
+        raise PieceSizeError(f"{name}: {_size_error(size)}")
+    h = CommP()
+    block = (127 << CHUNK_K) * READ_CHUNKS
+    with ThreadPoolExecutor(1, thread_name_prefix="commp-read") as reader:
+        # the next block is fetched while this one hashes
+        pending = reader.submit(read, 0, min(block, size))
+        offset = 0
+        while offset < size:
+            data = pending.result()
+            if not data:
+                raise PieceSizeError(f"{name}: ends at offset {offset}, before its size {size}")
+            offset += len(data)
+            if offset < size:
+                pending = reader.submit(read, offset, min(block, size - offset))
+            h.write(data)
+    return h.finish()
+
+
 def commp_file(path, progress: Callable[[int], object] | None = None) -> PieceInfo:
     """commP of a file, read in ~16 MiB blocks; progress(bytes_done) after each block."""
     path = os.fspath(path)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import struct
 import threading
 
@@ -49,7 +48,7 @@ from packerfs.ipld import cbor
 from packerfs.unpack.carset import Car, Location
 
 DIRNAME = "carset.lmdb"
-FORMAT = 2  # 2: each CAR record keeps its manifest's snapshot map
+FORMAT = 3  # 2: each CAR record keeps its manifest's snapshot map; 3: remote and foreign CARs
 MAP_SIZE = 1 << 40  # address space, not disk
 _LOC = struct.Struct(">IQHI")
 _U64 = struct.Struct(">Q")
@@ -59,13 +58,8 @@ GARBAGE_MIN = 1 << 16
 
 
 def _key(path: str) -> bytes:
-    raw = os.fsencode(os.path.realpath(path))
+    raw = os.fsencode(path if "://" in path else os.path.realpath(path))
     return raw if len(raw) <= 480 else b"#" + hashlib.sha256(raw).digest()
-
-
-def _stamp(st: os.stat_result) -> list[int]:
-    # not the device number: a drive may come back under another one after a reboot
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 class CarIndexStore:
@@ -138,17 +132,10 @@ class LmdbBlockIndex:
 
     # ------------------------------------------------------------ scanning (CarSet.open's thread)
 
-    def begin_car(self, path: str) -> tuple[int, Car | None]:
+    def begin_car(self, path: str, stamp: list | None) -> tuple[int, Car | None]:
         self._pending = None  # a scan that did not reach end_car (a bad CAR, another data set)
         store = self.store
         key = _key(path)
-        try:
-            st = os.stat(path)
-            # only a regular file is ever taken from the index: a FIFO or device put in a CAR's
-            # place is scanned, so CarSet reports it (it is never opened blocking)
-            stamp = _stamp(st) if stat.S_ISREG(st.st_mode) else None
-        except OSError:
-            stamp = None  # CarSet's scan reports why it cannot be read
         with store.env.begin() as txn:
             raw = txn.get(key, db=store.cars)
         record = cbor.decode(bytes(raw)) if raw is not None else None
@@ -191,6 +178,8 @@ class LmdbBlockIndex:
                         "size": car.size, "root": car.root, "bin": car.bin, "dataset": car.dataset,
                         "cipher": car.cipher, "recipients": list(car.recipients), "entries": car.entries,
                         "blocks": car.blocks, "manifest_offset": car.manifest_offset,
+                        "located": car.located, "roots": list(car.roots), "foreign": car.foreign,
+                        "snapshot_at": car.snapshot_at,
                     }
                     if car.snapshot is not False:  # known: the map, or None for a bin without a snapshot part
                         fields["snapshot"] = car.snapshot

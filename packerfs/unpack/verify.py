@@ -18,7 +18,6 @@ the OpenPGP MDC) and an OpenPGP file's plaintext size.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -88,7 +87,9 @@ def verify(
     report = VerifyReport()
     report.problems += carset.problems
     for car in carset.cars:
-        _check_blocks(car.path, report, advance)
+        _check_blocks(car, report, advance, carset)
+    if carset.foreign:
+        return _verify_foreign(carset, report, advance)
     try:
         tree = Tree.build(carset, strict=False)
     except (IncompleteSet, UsageError) as exc:  # --snapshot names one that cannot be used
@@ -168,13 +169,43 @@ def _part_suffix(part: int, parts: int) -> bytes:
     return f".part{part:0{width}d}of{parts:0{width}d}".encode()
 
 
-def _check_blocks(path: str, report: VerifyReport, advance) -> None:
+def _verify_foreign(carset: CarSet, report: VerifyReport, advance) -> VerifyReport:
+    """A set packerfs did not write: every block was checked above; now every file of the tree
+    must be readable to its end (each leaf there, of the size its parent says)."""
+    try:
+        tree = carset.tree()
+    except (FormatError, UsageError) as exc:
+        report.problems.append(str(exc))
+        return report
+    report.problems += tree.problems
+    report.missing += tree.lost
+    files = dag.FileDag(carset)
+    for fv in tree.files.values():
+        report.file_versions += 1
+        if not fv.complete:
+            continue
+        ref = fv.ordered()[0]
+        try:
+            for leaf, _ in files.leaves(ref.cid, ref.length):
+                if not carset.has(leaf):
+                    raise IncompleteSet(f"{show(fv.path)}: block {cid_to_str(leaf)} is in none of the CARs")
+        except IncompleteSet as exc:
+            report.missing.append(str(exc))
+        except FormatError as exc:
+            report.problems.append(f"{show(fv.path)}: {exc}")
+    return report
+
+
+def _check_blocks(car, report: VerifyReport, advance, carset: CarSet) -> None:
+    path = car.path
     report.cars += 1
     try:
-        with CarReader(path) as reader:
+        with CarReader(car.obj if car.obj is not None and car.obj.remote else path) as reader:
             for section in reader.sections():
                 try:
                     reader.read_block(section, verify=True)
+                    if not car.located:  # a remote CAR indexed from its tail: now every block is known
+                        carset.learn(car, section)
                 except FormatError as exc:
                     report.problems.append(str(exc))
                 report.blocks += 1
@@ -359,7 +390,7 @@ def _bin_of_name(name: str) -> int | None:
 
 
 def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyReport, advance) -> None:
-    from packerfs.piece import commp_file
+    from packerfs.piece import commp_file, commp_ranges
 
     try:
         with open(manifest_csv, newline="") as f:
@@ -371,7 +402,7 @@ def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyRepo
     if rows and not needed <= set(rows[0]):
         report.problems.append(f"{manifest_csv}: missing columns {', '.join(sorted(needed - set(rows[0])))}")
         return
-    cars = {os.path.basename(car.path): car for car in carset.cars}
+    cars = {car.name: car for car in carset.cars}  # a gateway's piece without a csv name: its piece CID
     seen = set()
     # `status` (current | retired) says what the pack's newest snapshot needs; the older `stale`
     # column (true | false) is accepted as it is. Statuses are compared when the tree is that snapshot.
@@ -388,6 +419,8 @@ def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyRepo
         retired = status == "retired" or row.get("stale", "").lower() == "true"
         number = _bin_of_name(name)
         car = cars.get(name)
+        if car is None and row.get("piece_cid") in cars:
+            car, name = cars[row["piece_cid"]], row["piece_cid"]
         if car is None:
             if retired:
                 report.notes.append(f"{where}: {name} is retired and not in the set")
@@ -408,14 +441,17 @@ def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyRepo
                     f"{where}: {name} is marked current, but snapshot {tree.snapshot.id} does not need bin {car.bin}"
                 )
         seen.add(name)
-        size = os.path.getsize(car.path)
+        size = car.size
         if str(size) != row["car_size"]:
             report.problems.append(f"{car.path}: {size} bytes, {where} says car_size {row['car_size']}")
         payload = row.get("payload_cid", "")
         if payload and payload != cid_to_str(car.root):
             report.problems.append(f"{car.path}: root {cid_to_str(car.root)}, {where} says payload_cid {payload}")
         try:
-            info = commp_file(car.path, progress=None)
+            if car.obj is not None and car.obj.remote:
+                info = commp_ranges(car.obj.read, car.size, car.path)
+            else:
+                info = commp_file(car.path, progress=None)
         except PackerfsError as exc:
             report.problems.append(f"{car.path}: cannot compute the piece CID: {exc}")
             continue
