@@ -51,7 +51,9 @@ MAX_MANIFEST = 1 << 31
 MAX_MISSING_BINS = 1 << 20
 # A remote CAR's tail is fetched in one request of this much: usually the manifest, the
 # `.packerfs` directory and the root directory all lie in it, and one more request gets the rest.
-TAIL_READ = 256 << 10
+TAIL_READ = 64 << 10
+HEAD_READ = 512  # a CARv1 header naming one root is 59 bytes
+PREFETCH = 16  # remote CARs whose head and tail are fetched at once when a set is opened
 # Metadata (manifest, directories) beyond this in one CAR is refused rather than fetched.
 MAX_META = 1 << 31
 # A block located from the manifest alone (its length unknown until its section header is read):
@@ -328,6 +330,7 @@ class CarSet:
         # blocks of remote CARs located from manifests (see _locate_children), not in the index
         self._found: dict[bytes, Location] = {}
         self._found_lock = threading.Lock()
+        self._ends: dict = {}  # prefetched heads and tails of remote CARs (see _prefetch_ends)
         self._tree = None
         self._tree_lock = threading.Lock()
 
@@ -374,6 +377,7 @@ class CarSet:
         hinted: set[int] = set()
         candidates: list[Car] = []
         foreign: list[Car] = []
+        self._ends = _prefetch_ends([o for o in locations.objects if o.remote])
         for obj in locations.objects:
             path = obj.display
             car_id, car = self.index.begin_car(path, _stamp(obj))
@@ -590,7 +594,8 @@ class CarSet:
         if size < locator.SECTION_LENGTH + 64:
             return None
         tail_start = max(0, size - TAIL_READ)
-        head, tail = obj.read_ranges([(0, min(4096, size)), (tail_start, size - tail_start)])
+        future = self._ends.pop(id(obj), None)
+        head, tail = future.result() if future is not None else _ends(obj)
         if len(tail) != size - tail_start:
             raise TruncatedInput(f"ends before its listed size {size}", path=path, offset=tail_start + len(tail))
         found = locator.decode(tail[-locator.SECTION_LENGTH:], size)
@@ -603,7 +608,7 @@ class CarSet:
         if meta_start >= tail_start:
             meta = tail[meta_start - tail_start : meta_end - tail_start]
         else:
-            meta = obj.read(meta_start, tail_start - meta_start) + tail[: meta_end - tail_start]
+            meta = obj.read_uncached(meta_start, tail_start - meta_start) + tail[: meta_end - tail_start]
         roots = _header_roots(head, path)
         blocks = parse_sections(path, car_id, meta, meta_start)
         local = _BufferBlocks(path, blocks)
@@ -766,6 +771,25 @@ class CarSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ends(obj) -> tuple[bytes, bytes]:
+    """A remote CAR's head (its header) and tail (the locator and, usually, all its metadata)."""
+    tail_start = max(0, obj.size - TAIL_READ)
+    return obj.read_uncached(0, min(HEAD_READ, obj.size)), obj.read_uncached(tail_start, obj.size - tail_start)
+
+
+def _prefetch_ends(objects: list) -> dict:
+    """id(obj) -> a future of _ends(obj), PREFETCH at a time, so opening a set of many remote CARs
+    waits for about one round trip per PREFETCH CARs, not two per CAR."""
+    if not objects:
+        return {}
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(PREFETCH, thread_name_prefix="car-ends")
+    futures = {id(obj): pool.submit(_ends, obj) for obj in objects}
+    pool.shutdown(wait=False)  # the workers finish the queue, then exit
+    return futures
 
 
 def _is_identity(cid: bytes) -> bool:

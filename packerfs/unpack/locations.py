@@ -77,6 +77,11 @@ class CarObject:
         """read() of each (offset, length), fetched concurrently where the object is remote."""
         return [self.read(offset, length) for offset, length in ranges]
 
+    def read_uncached(self, offset: int, length: int) -> bytes:
+        """read(), but a remote object fetches exactly this range and caches nothing: for the few
+        small reads that index a CAR (its head and tail), which whole pages would inflate."""
+        return self.read(offset, length)
+
     def close(self) -> None:
         pass
 
@@ -467,6 +472,10 @@ class RemoteCar(CarObject):
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         return self._pages.read(self, list(ranges))
+
+    def read_uncached(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        return self.fetch(offset, end) if end > offset else b""
 
     def close(self) -> None:
         self.closed = True
