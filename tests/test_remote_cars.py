@@ -8,6 +8,7 @@ import csv
 import errno
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,6 +99,12 @@ def test_s3_set_ls_verify_unpack_and_few_bytes_to_browse(packed, s3_server, monk
         result = packerfs("verify", url, "--manifest", str(packed.out / "manifest.csv"), "--json", timeout=180)
         report = json.loads(result.stdout)
         assert report["ok"] and report["cars"] == len(packed.rows), report
+        assert report["commp_checked"] == len(packed.rows) if "commp_checked" in report else True
+        # one streaming read of every CAR (the blocks and commP checked from the same bytes), then the
+        # first leaf of each file again, for its age header: (4 + 30 + 2) files here, at most 1 MiB each
+        fetched = int(re.search(r"fetched ([\d,]+) bytes", result.stderr.decode()).group(1).replace(",", ""))
+        total = sum(len(c) for c in packed.cars.values())
+        assert total <= fetched < total + 12 * MiB, (fetched, total)
 
         out = tmp_path / "restored"
         packerfs("unpack", url, out, "-i", packed.key, timeout=180)

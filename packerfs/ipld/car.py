@@ -133,13 +133,17 @@ class NotRegularFile(FormatError):
 class _WindowedFile:
     """seek/read over a remote object's ranged reads, one WINDOW fetched at a time: walking the
     section headers of a remote CAR is then one request per WINDOW (a streaming read of the CAR),
-    not one per block."""
+    not one per block.
+
+    With `window_sink`, windows are contiguous and each byte of the object is handed to it once, in
+    order (finish() fetches what no read reached): verify hashes commP from the same pass."""
 
     WINDOW = 8 << 20
 
-    def __init__(self, obj):
+    def __init__(self, obj, window_sink=None):
         self.obj = obj
         self.size = obj.size
+        self.sink = window_sink
         self.pos = 0
         self.start = 0
         self.data = b""
@@ -147,18 +151,41 @@ class _WindowedFile:
     def seek(self, pos: int) -> None:
         self.pos = pos
 
+    def _next_window(self, at: int) -> None:
+        # uncached where the object has a cache: a streaming read would only push out what is reused
+        read = getattr(self.obj, "read_uncached", self.obj.read)
+        data = read(at, min(self.WINDOW, max(self.size - at, 0)))
+        if not data:
+            raise TruncatedInput("the object ends before its listed size", path=self.obj.display, offset=at)
+        self.start, self.data = at, data
+        if self.sink is not None:
+            self.sink(data)
+
     def read(self, n: int) -> bytes:
-        end = self.pos + n
-        if not (self.start <= self.pos and end <= self.start + len(self.data)):
-            if n > self.WINDOW:
-                data = self.obj.read(self.pos, n)
-                self.pos += len(data)
-                return data
-            self.start = self.pos
-            self.data = self.obj.read(self.pos, min(self.WINDOW, max(self.size - self.pos, 0)))
-        out = self.data[self.pos - self.start : end - self.start]
-        self.pos += len(out)
-        return out
+        end = min(self.pos + n, self.size)
+        if self.sink is None and not (self.start <= self.pos and end <= self.start + len(self.data)) and n > self.WINDOW:
+            data = self.obj.read(self.pos, n)
+            self.pos += len(data)
+            return data
+        out = []
+        while self.pos < end:
+            if not self.start <= self.pos < self.start + len(self.data):
+                if self.sink is None:
+                    self._next_window(self.pos)
+                else:
+                    if self.pos < self.start:
+                        raise AssertionError("a contiguous window reader only moves forward")
+                    self._next_window(self.start + len(self.data))
+                    continue
+            piece = self.data[self.pos - self.start : end - self.start]
+            out.append(piece)
+            self.pos += len(piece)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def finish(self) -> None:
+        """Hand the rest of the object to the sink."""
+        while self.sink is not None and self.start + len(self.data) < self.size:
+            self._next_window(self.start + len(self.data))
 
     def close(self) -> None:
         self.data = b""
@@ -172,12 +199,13 @@ class CarReader:
     past them), so a large set indexes quickly; blocks() reads and verifies.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, window_sink=None):
         """`path`: a file's path, or an object with `display`, `size` and `read(offset, length)` (a
-        remote CAR: packerfs.unpack.locations.CarObject), read in large sequential windows."""
+        remote CAR: packerfs.unpack.locations.CarObject), read in large sequential windows (each
+        window handed to `window_sink` too, once; finish() hands over the rest)."""
         if hasattr(path, "read") and hasattr(path, "size"):
             self.path = path.display
-            self.file = _WindowedFile(path)
+            self.file = _WindowedFile(path, window_sink)
         else:
             self.path = os.fsdecode(path)
             self.file = os.fdopen(open_regular(path), "rb")
@@ -195,6 +223,11 @@ class CarReader:
 
     def close(self) -> None:
         self.file.close()
+
+    def finish(self) -> None:
+        """Every byte of a remote CAR read with a window_sink has reached the sink."""
+        if isinstance(self.file, _WindowedFile):
+            self.file.finish()
 
     def __enter__(self) -> "CarReader":
         return self

@@ -61,6 +61,7 @@ MAX_META = 1 << 31
 NODE_READ = 64 << 10
 LEAF = 1 << 20  # the packer's chunk size: every leaf of a part but the stream's last is this long
 RAW_CID_LEN = 36
+KEPT_NODES = 64 << 20  # DAG nodes of remote CARs kept while verify streams them (see CarSet.learn)
 
 class Location(NamedTuple):
     car: int  # CarSet.car_by_id key
@@ -331,6 +332,8 @@ class CarSet:
         self._found: dict[bytes, Location] = {}
         self._found_lock = threading.Lock()
         self._ends: dict = {}  # prefetched heads and tails of remote CARs (see _prefetch_ends)
+        self._kept: dict[bytes, bytes] = {}  # verified DAG nodes of streamed remote CARs (see learn)
+        self._kept_bytes = 0
         self._tree = None
         self._tree_lock = threading.Lock()
 
@@ -659,6 +662,9 @@ class CarSet:
             if code == IDENTITY:
                 return digest
             raise FormatError(f"block {cid_to_str(cid)} is in none of the CARs")
+        kept = self._kept.get(cid) if self._kept else None
+        if kept is not None:
+            return kept
         car = self.car_by_id[loc.car]
         if loc.length < 0:
             loc = self._read_section_head(car, cid, loc)
@@ -674,10 +680,15 @@ class CarSet:
             self._locate_children(car, loc, data)
         return data
 
-    def learn(self, car: Car, section: Section) -> None:
-        """A section of a CAR whose blocks are found as needed (verify walks it all): where it is."""
+    def learn(self, car: Car, section: Section, block: bytes) -> None:
+        """A verified section of a CAR whose blocks are found as needed (verify streams it all): where
+        it is, and, up to KEPT_NODES bytes in all, a DAG node's bytes, which verify's later checks of
+        the manifests and directories would otherwise fetch again."""
         with self._found_lock:
             self._found.setdefault(section.cid, Location(car.id, section.offset, section.data_offset, section.length))
+            if self._kept_bytes + len(block) <= KEPT_NODES and cid_codec(section.cid) == DAG_PB:
+                if self._kept.setdefault(section.cid, block) is block:
+                    self._kept_bytes += len(block)
 
     def _read_section_head(self, car: Car, cid: bytes, loc: Location) -> Location:
         """The data offset and length of a block known only by its section offset."""

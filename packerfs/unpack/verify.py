@@ -86,8 +86,9 @@ def verify(
     advance = progress or (lambda n: None)
     report = VerifyReport()
     report.problems += carset.problems
+    pieces: dict[int, object] = {}  # car id -> PieceInfo of a remote CAR, hashed while its blocks are read
     for car in carset.cars:
-        _check_blocks(car, report, advance, carset)
+        _check_blocks(car, report, advance, carset, pieces if manifest_csv is not None else None)
     if carset.foreign:
         return _verify_foreign(carset, report, advance)
     try:
@@ -127,7 +128,7 @@ def verify(
     _check_manifests(carset, tree, report)
     _check_sizes(carset, tree, report)
     if manifest_csv is not None:
-        _check_csv(carset, tree, manifest_csv, report, advance)
+        _check_csv(carset, tree, manifest_csv, report, advance, pieces)
     return report
 
 
@@ -196,21 +197,30 @@ def _verify_foreign(carset: CarSet, report: VerifyReport, advance) -> VerifyRepo
     return report
 
 
-def _check_blocks(car, report: VerifyReport, advance, carset: CarSet) -> None:
+def _check_blocks(car, report: VerifyReport, advance, carset: CarSet, pieces: dict | None) -> None:
+    """Every block of `car` against its CID. A remote CAR is streamed once: with `pieces`, its commP
+    is hashed from the same bytes (into pieces[car.id])."""
+    from packerfs.piece import MAX_PAYLOAD, MIN_PAYLOAD, CommP
+
     path = car.path
     report.cars += 1
+    remote = car.obj is not None and car.obj.remote
+    hasher = CommP() if remote and pieces is not None and MIN_PAYLOAD <= car.size <= MAX_PAYLOAD else None
     try:
-        with CarReader(car.obj if car.obj is not None and car.obj.remote else path) as reader:
+        with CarReader(car.obj if remote else path, window_sink=hasher.write if hasher else None) as reader:
             for section in reader.sections():
                 try:
-                    reader.read_block(section, verify=True)
+                    block = reader.read_block(section, verify=True)
                     if not car.located:  # a remote CAR indexed from its tail: now every block is known
-                        carset.learn(car, section)
+                        carset.learn(car, section, block)
                 except FormatError as exc:
                     report.problems.append(str(exc))
                 report.blocks += 1
                 report.bytes += section.length
                 advance(section.length)
+            if hasher is not None:
+                reader.finish()
+                pieces[car.id] = hasher.finish()
     except FormatError as exc:
         report.problems.append(str(exc))
     except OSError as exc:
@@ -389,7 +399,7 @@ def _bin_of_name(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyReport, advance) -> None:
+def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyReport, advance, pieces: dict) -> None:
     from packerfs.piece import commp_file, commp_ranges
 
     try:
@@ -448,7 +458,9 @@ def _check_csv(carset: CarSet, tree: Tree, manifest_csv: str, report: VerifyRepo
         if payload and payload != cid_to_str(car.root):
             report.problems.append(f"{car.path}: root {cid_to_str(car.root)}, {where} says payload_cid {payload}")
         try:
-            if car.obj is not None and car.obj.remote:
+            if car.id in pieces:
+                info = pieces[car.id]
+            elif car.obj is not None and car.obj.remote:
                 info = commp_ranges(car.obj.read, car.size, car.path)
             else:
                 info = commp_file(car.path, progress=None)
