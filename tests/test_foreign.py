@@ -683,3 +683,20 @@ def test_ls_unpack_and_reverse_mount_of_foreign_sets(which, ipfs_car_set, split_
 
     with mount(cars, tmp_path / "mnt", tmp_path / "state", "--reverse") as m:
         assert within(OP_TIMEOUT, _restored, m.mnt) == expected
+
+
+@pytest.mark.interop
+def test_foreign_set_in_a_bucket(ipfs_car_set, s3_server, monkeypatch, tmp_path):
+    """No tail locator: the remote CAR is indexed by walking its sections through 8 MiB windows."""
+    from conftest import packerfs
+
+    src_dir, car_path = ipfs_car_set
+    bucket = s3_server.new_bucket("foreign")
+    s3_server.upload_tree(bucket, "set/", {"set.car": car_path.read_bytes()})
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    result = packerfs("unpack", f"s3://{bucket}/set", out, timeout=180)
+    assert _restored(out) == _restored(src_dir)
+    fetched = int(result.stderr.decode().split("fetched ")[1].split(" bytes")[0].replace(",", ""))
+    assert fetched < 3 * car_path.stat().st_size, fetched

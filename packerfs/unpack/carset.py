@@ -55,7 +55,7 @@ TAIL_READ = 64 << 10
 HEAD_READ = 512  # a CARv1 header naming one root is 59 bytes
 PREFETCH = 16  # remote CARs whose head and tail are fetched at once when a set is opened
 # Metadata (manifest, directories) beyond this in one CAR is refused rather than fetched.
-MAX_META = 1 << 31
+MAX_META = 512 << 20  # far above any bin's manifest and directories; bounds what a crafted locator costs
 # A block located from the manifest alone (its length unknown until its section header is read):
 # this much is read at once, enough for a file node of 1024 links.
 NODE_READ = 64 << 10
