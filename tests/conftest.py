@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -79,6 +80,19 @@ def packerfs(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"packerfs {' '.join(map(str, args))} exited {result.returncode}: {result.stderr.decode()}")
     return result
+
+
+def stop_process(process: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; its stdout pipe closed (a server started by a test)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def write_random(path: Path, size: int, seed: int) -> bytes:

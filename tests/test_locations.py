@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import PACKERFS, ROOT, packerfs, write_random
+from conftest import stop_process, PACKERFS, ROOT, packerfs, write_random
 from nginx import NginxPieces, nginx_binary
 from packerfs.errors import PackerfsError, UsageError
 from packerfs.source import objects
@@ -193,14 +192,7 @@ def packerfs_serve(packed, tmp_path: Path, options=None):
             time.sleep(0.1)
         yield url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stdout.close()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

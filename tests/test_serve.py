@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PACKERFS, ROOT, packerfs, run_tool, write_random
+from conftest import stop_process, PACKERFS, ROOT, packerfs, run_tool, write_random
 from packerfs.crypt import write_age_identity
 
 MiB = 1 << 20
@@ -81,14 +80,7 @@ def gateway(src: Path, state: Path, tmp_path: Path, *options, token: str | None 
             g.auth = {"Authorization": f"Bearer {token}"}
         yield g
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stdout.close()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

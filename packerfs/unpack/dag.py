@@ -73,7 +73,8 @@ def _fail(src: BlockSource, cid: bytes, message: str) -> FormatError:
     return FormatError(f"block {cid_to_str(cid)}: {message}", path=path, offset=offset)
 
 
-def _decode(src: BlockSource, cid: bytes, block: bytes) -> tuple[list, UnixFSData]:
+def decode_unixfs(src: BlockSource, cid: bytes, block: bytes) -> tuple[list, UnixFSData]:
+    """A dag-pb node's links and UnixFS data; FormatError naming the block if it is not one."""
     if cid_codec(cid) != DAG_PB:
         raise _fail(src, cid, "expected a dag-pb node, found another codec")
     try:
@@ -87,7 +88,7 @@ def _decode(src: BlockSource, cid: bytes, block: bytes) -> tuple[list, UnixFSDat
 
 
 def decode_file_node(src: BlockSource, cid: bytes, block: bytes) -> FileNode:
-    links, fs = _decode(src, cid, block)
+    links, fs = decode_unixfs(src, cid, block)
     if fs.type not in (FILE, RAW_TYPE):
         raise _fail(src, cid, f"expected a UnixFS file node, found a {_TYPE_NAMES.get(fs.type, fs.type)} node")
     if len(links) != len(fs.blocksizes):
@@ -104,7 +105,7 @@ def decode_file_node(src: BlockSource, cid: bytes, block: bytes) -> FileNode:
 
 
 def decode_dir_node(src: BlockSource, cid: bytes, block: bytes) -> DirNode:
-    links, fs = _decode(src, cid, block)
+    links, fs = decode_unixfs(src, cid, block)
     if fs.type == DIRECTORY:
         shard = False
     elif fs.type == HAMT_SHARD:

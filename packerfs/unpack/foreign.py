@@ -53,7 +53,6 @@ from packerfs.ipld.dagpb import (
     SYMLINK as UNIXFS_SYMLINK,
     PBLink,
     UnixFSData,
-    decode_node,
 )
 from packerfs.unpack import dag
 from packerfs.unpack.tree import DIR, FILE, SYMLINK, FileVersion, PartRef, Tree, TreeEntry, path_problem, show
@@ -94,19 +93,6 @@ def _fail(src, cid: bytes, message: str) -> FormatError:
     return FormatError(f"block {cid_to_str(cid)}: {message}", path=path, offset=offset)
 
 
-def _decode(src, cid: bytes, block: bytes) -> tuple[list[PBLink], UnixFSData]:
-    if cid_codec(cid) != DAG_PB:
-        raise _fail(src, cid, f"not a UnixFS node (codec 0x{cid_codec(cid):x}, not dag-pb or raw)")
-    try:
-        node = decode_node(block)
-        if node.data is None:
-            raise ValueError("dag-pb node has no UnixFS Data")
-        fs = UnixFSData.decode(node.data)
-    except ValueError as exc:
-        raise _fail(src, cid, f"not a valid UnixFS node ({exc})") from None
-    return node.links, fs
-
-
 def _metadata(src, cid: bytes, fs: UnixFSData) -> tuple[int | None, int | None]:
     mode = fs.mode & 0o7777 if fs.mode is not None else None
     mtime = None
@@ -127,7 +113,7 @@ def inspect(src, cid: bytes) -> Node:
         size = loc.length if loc is not None else len(src.read_block(cid))
         return Node(FILE, size, None, None, [], False)
     block = src.read_block(cid)
-    links, fs = _decode(src, cid, block)
+    links, fs = dag.decode_unixfs(src, cid, block)
     mode, mtime = _metadata(src, cid, fs)
     if fs.type in (UNIXFS_FILE, RAW_TYPE):
         size = dag.decode_file_node(src, cid, block).filesize
@@ -178,7 +164,7 @@ def dir_entries(src, cid: bytes, node: Node, on_problem: Callable[[str, bool], N
             on_problem(f"HAMT shard {cid_to_str(link.cid)} is in none of the CARs: some entries cannot be listed", True)
             continue
         try:
-            links, fs = _decode(src, link.cid, src.read_block(link.cid))
+            links, fs = dag.decode_unixfs(src, link.cid, src.read_block(link.cid))
             if fs.type != HAMT_SHARD or fs.fanout != hamt.FANOUT or fs.hash_type != MURMUR3_X64_64:
                 raise _fail(src, link.cid, "a HAMT shard links something else than a sub-shard of its kind")
         except FormatError as exc:
