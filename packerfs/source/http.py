@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import random
 import re
 import threading
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from packerfs.errors import PackerfsError, SourceUnavailable, UsageError
+from packerfs.source import objects
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # no byte for this long: the attempt failed (retried within RETRY_SECONDS)
@@ -57,9 +57,7 @@ def is_http(spec: str) -> bool:
 
 
 def _retry_seconds() -> float:
-    from packerfs.source import objects  # read at call time: tests and callers may change it
-
-    return objects.RETRY_SECONDS
+    return objects.RETRY_SECONDS  # looked up at each call: tests and callers may change it
 
 
 class Counter:
@@ -281,7 +279,7 @@ class HttpClient:
                         f"{where}: {how} for {seconds:g} s ({tries} attempt{'s' if tries != 1 else ''})",
                         path=where,
                     ) from None
-                delay = min(5.0, 0.1 * 2 ** min(tries, 10)) * (0.5 + random.random())
+                delay = objects.backoff(tries)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, 30.0))
                 time.sleep(max(0.0, min(delay, deadline - now)))

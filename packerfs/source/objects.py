@@ -51,6 +51,12 @@ LISTINGS_AHEAD = 8  # subdirectory listings fetched before the walk reaches them
 RETRY_SECONDS = float(os.environ.get("PACKERFS_RETRY_SECONDS", "60"))
 REQUEST_TIMEOUT = 300.0  # one request, however slow, gives up after this
 
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (1, 2, …): exponential from 0.2 s, at most 5 s,
+    jittered by ±50% so that many clients throttled at once do not come back at once."""
+    return min(5.0, 0.1 * 2 ** min(attempt, 10)) * (0.5 + random.random())
+
+
 CANONICAL_SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
 
 
@@ -256,7 +262,7 @@ class ObjectSource(Source):
                 failure = self._classify(exc)
                 attempt += 1
                 if failure.kind in RETRIED and time.monotonic() < deadline:
-                    delay = min(5.0, 0.1 * 2 ** min(attempt, 10)) * (0.5 + random.random())
+                    delay = backoff(attempt)
                     log.info("%s: %s (%s); retrying in %.1f s", self._where(key, offset), what, failure.text, delay)
                     await asyncio.sleep(delay)
                     continue
