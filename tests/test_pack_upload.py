@@ -4,11 +4,14 @@ Every server (moto, Azurite, fake-gcs-server) and proxy comes from tests/objstor
 a free port, stopped in a finally); packerfs runs as a user runs it, the CLI in a subprocess
 configured through the SDKs' environment variables, every subprocess with a timeout.
 
-What is proved: the objects are byte-identical to a local `pack` of the same state; an object
-appears only once complete (a pack killed with SIGKILL mid-upload leaves none, the rerun uploads
-only the missing bins and drops the unfinished multipart upload); complete objects already there
-are kept (no write request at all); 403, a missing bucket, a server that dies or throttles
-mid-upload each give one line naming the URL, key and part, and no object half-written.
+What is proved: the objects are byte-identical to a local `pack` of the same state; to S3 and
+Azure each CAR is uploaded while the scan lays it out, so the source is read once (an s3:// SOURCE
+counts what it fetched), while gs:// CARs and those of bins sealed on Dask workers are uploaded
+after the scan, generated again; an object appears only once complete (a pack killed with SIGKILL
+mid-scan, mid-upload, leaves none, the rerun uploads only the missing bins, reading only what they
+need, and drops the unfinished multipart upload); complete objects already there are kept (no
+write request at all); 403, a missing bucket, a server that dies or throttles mid-upload each give
+one line naming the URL, key and part, and no object half-written, and a rerun completes.
 """
 
 from __future__ import annotations
@@ -53,8 +56,18 @@ def recipient(tmp_path_factory) -> str:
     return write_age_identity(str(tmp_path_factory.mktemp("key") / "key.txt"))
 
 
-def pack_args(source: Path, out: str, state: Path, recipient: str) -> list[str]:
-    return ["pack", str(source), out, "-t", str(state), "-r", recipient, "--bin-size", BIN, "--workers", "1", "--json"]
+@pytest.fixture(scope="module")
+def s3_source(s3_server, source) -> tuple[str, int]:
+    """The same tree as an s3:// SOURCE (moto), and its size: `pack --json` reports what it fetched."""
+    bucket = s3_server.new_bucket("src")
+    files = {p.relative_to(source).as_posix(): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}
+    s3_server.upload_tree(bucket, "tree/", files)
+    return f"s3://{bucket}/tree", sum(len(data) for data in files.values())
+
+
+def pack_args(source: Path | str, out: str, state: Path, recipient: str, workers: int = 1) -> list[str]:
+    return ["pack", str(source), out, "-t", str(state), "-r", recipient, "--bin-size", BIN, "--workers", str(workers),
+            "--json"]
 
 
 def env_of(settings: dict[str, str], retry: str = "4") -> dict[str, str]:
@@ -114,13 +127,14 @@ def part_of(key: str, number: int):
 
 
 BACKENDS = {"s3": ("s3_server", "s3_proxy"), "azure": ("azure_server", "azure_proxy"), "gcs": ("gcs_server", "gcs_proxy")}
+SCHEMES = {"s3": "s3", "azure": "az", "gcs": "gs"}
 
 
 @pytest.mark.parametrize("kind", list(BACKENDS))
 def test_round_trip_identical_to_local_pack_and_kept_on_rerun(kind, request, source, recipient, tmp_path):
     server = request.getfixturevalue(BACKENDS[kind][0])
     proxy = request.getfixturevalue(BACKENDS[kind][1])
-    scheme = {"s3": "s3", "azure": "az", "gcs": "gs"}[kind]
+    scheme = SCHEMES[kind]
     bucket = server.new_bucket("cars")
     url = f"{scheme}://{bucket}/sets/one"
     state = tmp_path / "state"
@@ -158,17 +172,49 @@ def test_round_trip_identical_to_local_pack_and_kept_on_rerun(kind, request, sou
     assert store_files(server, bucket, "sets/one") == expected
 
 
-def test_killed_mid_upload_rerun_uploads_only_the_missing_bins(s3_server, source, recipient, tmp_path):
-    bucket = s3_server.new_bucket("killed")
-    url = f"s3://{bucket}/cars"
+def block_of(key: str):
+    """An Azure Put Block (not the Put Block List) to `key`."""
+    return lambda method, target: method == "PUT" and key in target and re.search(r"comp=block(&|$)", target)
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_bucket_out_is_uploaded_during_the_one_read_of_the_source(kind, request, s3_server, s3_source, recipient,
+                                                                   tmp_path):
+    src, size = s3_source
+    server = request.getfixturevalue(BACKENDS[kind][0])
+    bucket = server.new_bucket("once")
+    url = f"{SCHEMES[kind]}://{bucket}/cars"
+    env = env_of({**s3_server.env, **server.env})
     state = tmp_path / "state"
-    # held: the second part of bin 2, once bin 1 is complete and bin 2's first part is stored
-    proxy = holding(s3_server, part_of("bin-000002.car", 2))
+    report = json.loads(packerfs(*pack_args(src, url, state, recipient), env=env, timeout=TIMEOUT).stdout)
+    assert report["bytes_read"] == size
+    # one read: what the source gave is its data (within 2 %), not that again for the upload
+    assert size <= report["bytes_fetched"] <= 1.02 * size, (report["bytes_fetched"], size)
+    assert report["new_bins"] == report["uploaded_bins"] == [1, 2, 3] and report["kept_bins"] == []
+    local = tmp_path / "local"
+    packerfs(*pack_args(src, str(local), state, recipient), env=env, timeout=TIMEOUT)
+    assert store_files(server, bucket, "cars") == local_files(local)
+    if kind == "s3":
+        assert unfinished_uploads(server, bucket) == []
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_killed_mid_scan_rerun_uploads_only_the_missing_bins(kind, request, s3_server, s3_source, recipient,
+                                                              tmp_path):
+    src, _ = s3_source
+    server = request.getfixturevalue(BACKENDS[kind][0])
+    bucket = server.new_bucket("killed")
+    url = f"{SCHEMES[kind]}://{bucket}/cars"
+    state = tmp_path / "state"
+    # held: bin 2's second part (S3) or first block staged (Azure), sent when bin 2 is sealed, before
+    # its first part (which holds the header) and before the bin is committed: bin 1 is complete
+    proxy = holding(server, part_of("bin-000002.car", 2) if kind == "s3" else block_of("bin-000002.car"))
+    env = env_of({**s3_server.env, **proxy.env})
     try:
         log = (tmp_path / "first.log").open("wb")
         pack = subprocess.Popen(
-            [*PACKERFS, *pack_args(source, url, state, recipient)], cwd=ROOT, env=env_of(proxy.env),
-            stdout=log, stderr=subprocess.STDOUT,
+            [*PACKERFS, *pack_args(src, url, state, recipient)], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             assert proxy.reached.wait(TIMEOUT), (tmp_path / "first.log").read_text()
@@ -181,27 +227,48 @@ def test_killed_mid_upload_rerun_uploads_only_the_missing_bins(s3_server, source
             log.close()
             proxy.release()
 
-        # what the kill left: bin 1 complete, bin 2 only as an unfinished multipart upload
-        client = s3_server.client()
-        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        assert [o["Key"] for o in listed] == ["cars/bin-000001.car"]
-        before = listed[0]["LastModified"]
-        assert unfinished_uploads(s3_server, bucket) == ["cars/bin-000002.car"]
+        # killed mid-scan: bin 1 sealed and complete in the bucket, bin 2 nowhere under its name
+        status = json.loads(packerfs("status", src, "-t", state, "--json", env=env, timeout=TIMEOUT).stdout)
+        assert status["state"] == "scanning" and status["bins_sealed"] == 1, status
+        assert list(store_files(server, bucket, "cars")) == ["bin-000001.car"]
+        if kind == "s3":
+            before = server.client().head_object(Bucket=bucket, Key="cars/bin-000001.car")["LastModified"]
+            assert unfinished_uploads(server, bucket) == ["cars/bin-000002.car"]
 
         proxy.reset_counters()
-        again = json.loads(packerfs(*pack_args(source, url, state, recipient), env=env_of(proxy.env),
-                                    timeout=TIMEOUT).stdout)
+        again = json.loads(packerfs(*pack_args(src, url, state, recipient), env=env, timeout=TIMEOUT).stdout)
     finally:
         proxy.close()
-    assert again["kept_bins"] == [1] and again["uploaded_bins"] == [2, 3]
+    assert again["kept_bins"] == [1] and again["uploaded_bins"] == [2, 3] == again["new_bins"]
     written = {ex.target.split("?")[0].rsplit("/", 1)[1] for ex in proxy.history if ex.method in WRITES}
     assert written == {"bin-000002.car", "bin-000003.car", "manifest.csv", "manifest.json"}, written
-    assert unfinished_uploads(s3_server, bucket) == []  # the killed run's upload was aborted
-    assert client.head_object(Bucket=bucket, Key="cars/bin-000001.car")["LastModified"] == before
+    # the rerun read only what bins 2 and 3 hold, once (and the last sealed leaf of the file it continues)
+    assert again["bytes_fetched"] <= 1.02 * again["bytes_read"] + 2 * MiB, again
+    if kind == "s3":
+        assert unfinished_uploads(server, bucket) == []  # the killed run's upload was aborted
+        assert server.client().head_object(Bucket=bucket, Key="cars/bin-000001.car")["LastModified"] == before
 
     local = tmp_path / "local"
-    packerfs(*pack_args(source, str(local), state, recipient), timeout=TIMEOUT)
+    packerfs(*pack_args(src, str(local), state, recipient), env=env_of(s3_server.env), timeout=TIMEOUT)
+    assert store_files(server, bucket, "cars") == local_files(local)
+
+
+def test_bins_sealed_on_dask_workers_are_uploaded_after_the_scan(s3_server, s3_source, recipient, tmp_path):
+    """Workers do not upload: their bins are generated again from the index once the scan is done;
+    the last bin (the snapshot's, sealed by packerfs itself) is uploaded during the scan."""
+    src, _ = s3_source
+    bucket = s3_server.new_bucket("dask")
+    url = f"s3://{bucket}/cars"
+    state = tmp_path / "state"
+    env = env_of(s3_server.env)
+    report = json.loads(packerfs(*pack_args(src, url, state, recipient, workers=2), env=env, timeout=300).stdout)
+    sealed_on = {car["car_file"]: car["sealed_on"] for car in report["cars"]}
+    assert sealed_on["bin-000001.car"] and sealed_on["bin-000003.car"] is None, sealed_on
+    assert report["uploaded_bins"] == [1, 2, 3] and report["kept_bins"] == []
+    local = tmp_path / "local"
+    packerfs(*pack_args(src, str(local), state, recipient), env=env, timeout=TIMEOUT)
     assert store_files(s3_server, bucket, "cars") == local_files(local)
+    assert unfinished_uploads(s3_server, bucket) == []
 
 
 @pytest.mark.parametrize("fault", ["server dies", "denied", "throttled"])
@@ -247,6 +314,15 @@ def test_fault_mid_upload(fault, s3_server, source, recipient, tmp_path):
         assert f"{url}/bin-000002.car (part 2, offset {8 * MiB}): access denied (403 AccessDenied)" in line, line
     assert "bin-000002.car was not completed (nothing of this upload is left under its name)" in line, line
     assert keys == ["cars/bin-000001.car"]  # bin 1 complete, bin 2 nowhere, no manifest
+
+    # once the server answers again, a rerun completes: bin 1 kept, the others uploaded
+    again = json.loads(packerfs(*pack_args(source, url, tmp_path / "state", recipient), env=env_of(s3_server.env),
+                                timeout=TIMEOUT).stdout)
+    assert again["kept_bins"] == [1] and again["uploaded_bins"] == [2, 3], again
+    assert unfinished_uploads(s3_server, bucket) == []
+    local = tmp_path / "local"
+    packerfs(*pack_args(source, str(local), tmp_path / "state", recipient), timeout=TIMEOUT)
+    assert store_files(s3_server, bucket, "cars") == local_files(local)
 
 
 @pytest.mark.parametrize("kind", ["s3", "azure"])

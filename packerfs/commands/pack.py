@@ -15,8 +15,9 @@ from packerfs.progress import progress
 
 OUT_HELP = (
     "a directory, or an object-store prefix the CARs and manifests are uploaded to: s3://BUCKET/PREFIX, "
-    "gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (configured as SRC is; each CAR is uploaded in parts while it "
-    "is generated and appears only once complete; objects already there with the same size and root are kept)"
+    "gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (configured as SRC is; each CAR is uploaded in parts, to s3:// "
+    "and az:// while the scan lays it out, and appears only once complete; objects already there with the "
+    "same size and root are kept)"
 )
 
 
@@ -46,20 +47,31 @@ def cmd_pack(args: argparse.Namespace) -> int:
             store.close()
         raise
     try:
+        scanned_into = None  # a bucket OUT that takes CARs during the scan (S3, Azure)
+        if store is not None:
+            from packerfs.pack.writer import StoreOutput, is_output_name
+
+            # what an interrupted run left unfinished (S3 multipart uploads) goes before anything is written
+            store.clean(is_output_name)
+            if store.streams_during_scan:
+                scanned_into = StoreOutput(store)
         with progress("packing", None) as advance:
-            # New bins are written while the source is read (to a directory; a bucket's are uploaded
-            # below, generated again from the index); write() below adds any sealed earlier.
-            report = engine.scan(
-                skip_unreadable=args.skip_unreadable, advance=advance, car_dir=None if to_store else args.output,
-                repack_below=args.repack_below, pool_factory=make_pool,
+            # New bins sealed here are written while the source is read: to a directory, or uploaded
+            # to an S3 or Azure bucket; write() / upload_cars() below add those sealed earlier, on Dask
+            # workers (for a bucket) or by an earlier run, and every gs:// CAR, generated again.
+            options = dict(
+                skip_unreadable=args.skip_unreadable, advance=advance, repack_below=args.repack_below,
+                pool_factory=make_pool,
             )
+            report = engine.scan(car_dir=scanned_into if to_store else args.output, **options)
         bins = engine.bins()
-        total = sum(b["car_size"] for b in bins if bin_status(b) == "current")
+        done = set(scanned_into.uploaded) if scanned_into is not None else set()
+        total = sum(b["car_size"] for b in bins if bin_status(b) == "current" and b["bin"] not in done)
         with progress("uploading" if to_store else "writing", total) as advance:
             if store is not None:
                 from packerfs.pack.writer import upload_cars
 
-                written = upload_cars(engine, store, advance)
+                written = upload_cars(engine, store, advance, uploaded=done, clean=False)
             else:
                 written = engine.write(args.output, advance)
     finally:

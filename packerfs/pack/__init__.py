@@ -93,7 +93,8 @@ class Engine:
         pool=None,
         pool_factory=None,
     ) -> ScanReport:
-        """Scan the source into the index; with `car_dir`, write each new bin's CAR there as it is laid out.
+        """Scan the source into the index; with `car_dir` (a directory, or a packerfs.pack.writer.CarOutput
+        such as a bucket), write each new bin's CAR there as it is laid out.
 
         `pool`: a packerfs.pack.parallel pool sealing bins on Dask workers (None: in this process), or
         `pool_factory(plan)` making one once the plan is known (see packerfs.commands.options).
@@ -103,7 +104,7 @@ class Engine:
         it is a UsageError.
         """
         excluded = set(self.excluded)
-        if car_dir is not None:
+        if isinstance(car_dir, (str, os.PathLike)):  # a bucket output lies in no source, needs no creating
             excluded |= self.source.excluded(("output directory", car_dir))
             os.makedirs(car_dir, exist_ok=True)
         if excluded:

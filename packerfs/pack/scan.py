@@ -50,10 +50,10 @@ from packerfs.errors import PackerfsError, SourceChanged, UsageError
 from packerfs.index.store import DIGESTS_PER_CHUNK, Index
 from packerfs.ipld.unixfs import CHUNK_SIZE, symlink_block
 from packerfs.pack.seal import (
-    NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, SyncingFile, file_manifest_bound, name_in_car,
-    part_name, part_suffix,
+    NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, file_manifest_bound, name_in_car, part_name,
+    part_suffix,
 )
-from packerfs.pack.writer import car_name
+from packerfs.pack.writer import CarOutput, DirectoryOutput
 from packerfs.piece import padded_size
 from packerfs.plan import costs
 from packerfs.plan.planner import PlanBin, sync_frames
@@ -188,7 +188,8 @@ class BinWork:
     ends: dict = field(default_factory=dict)  # version -> (leaves sealed once this bin is, last part here?)
     paths: dict = field(default_factory=dict)  # path -> version, for the records that start here
     state: dict | None = None  # the scan state committed with the bin (the counters as of its planning)
-    partial: str | None = None  # OUT/bin-N.car.partial, renamed once committed
+    partial: str | None = None  # OUT/bin-N.car.partial (a directory OUT), renamed once committed
+    sink: object | None = None  # its CAR's sink while sealed here (CarOutput.sink), committed with the bin
     planned_read: int = 0  # plaintext its parts stand for (what progress counts for it)
     applied: int = 0  # operations its sealer here applied since records were last flushed
 
@@ -205,7 +206,7 @@ class Scan:
         skip_unreadable: bool = False,
         advance: Callable[[int], None] | None = None,
         on_seal: Callable[[dict], None] | None = None,
-        car_dir: str | None = None,
+        car_dir: "str | CarOutput | None" = None,
         repack_below: float | None = None,
         exclude: Collection[bytes] = (),
         source_options: dict | None = None,
@@ -214,7 +215,9 @@ class Scan:
         dry: bool = False,
         check_seams: bool = True,
     ):
-        """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source).
+        """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source):
+        a directory, or a packerfs.pack.writer.CarOutput (StoreOutput: uploaded to a bucket). The CAR
+        appears under its final name only after the bin's index commit.
 
         With `repack_below`, the live files of current bins whose live share of their payload is below
         it are placed again (new versions in new bins), so that those bins retire.
@@ -229,7 +232,9 @@ class Scan:
         file an interrupted scan left half placed, to see whether it can be continued (False: assume
         so, and read nothing).
         """
-        self.car_dir = car_dir
+        self.car_output: CarOutput | None = (
+            DirectoryOutput(car_dir) if isinstance(car_dir, (str, os.PathLike)) else car_dir
+        )
         self.exclude = frozenset(exclude)
         self.source = source
         self.source_options = source_options
@@ -340,7 +345,7 @@ class Scan:
                 owned.close()
             self.tree.close()
             if self.work is not None and self.work.sealer is not None:
-                self.work.sealer.abandon()
+                self._abandon(self.work)
             if self.carry is not None:
                 self.carry.close()
             self.bin = self.work = None
@@ -433,8 +438,8 @@ class Scan:
         if self.dry:
             return
         work = self.work = BinWork(number)
-        if self.car_dir is not None:
-            work.partial = os.path.join(self.car_dir, car_name(number) + ".partial")
+        if self.car_output is not None:
+            work.partial = self.car_output.worker_path(number)  # None for a bucket: workers do not upload
         if self.pool is None or here:
             work.results.on_read = self.advance
             self._start_sealer(work)
@@ -442,16 +447,35 @@ class Scan:
     def _start_sealer(self, work: BinWork) -> None:
         """Seal `work` in this process: its operations so far are applied, later ones as they are planned."""
         self.index.clear_segments(work.number)  # what an interrupted scan left of this bin's byte map
-        sink = SyncingFile(work.partial) if work.partial is not None else None
-        work.sealer = BinSealer(
-            self.ctx, work.number, self.source, work.results, sink, seams=self.last_params, carry=self.carry
-        )
+        if self.car_output is not None:
+            work.sink = self.car_output.sink(work.number, work.partial)
+        try:
+            work.sealer = BinSealer(
+                self.ctx, work.number, self.source, work.results, work.sink, seams=self.last_params, carry=self.carry
+            )
+        except BaseException:
+            self._discard_sink(work, laid_out=False)
+            raise
         self.carry = None
         ops, work.ops = work.ops, []
         for op in ops:
             work.sealer.apply(op)
             work.applied += 1
             self._flush_live(work)
+
+    def _abandon(self, work: BinWork) -> None:
+        """Stop a bin sealed here after an error: its CAR never appears (the upload is dropped first, so
+        that the layout's writer thread stops sending; the layout then removes a partial file)."""
+        self._discard_sink(work)
+        work.sealer.abandon()
+
+    def _discard_sink(self, work: BinWork, *, laid_out: bool = True) -> None:
+        sink, work.sink = work.sink, None
+        if sink is not None and self.car_output is not None:
+            try:
+                self.car_output.discard(work.number, sink, laid_out=laid_out)
+            except Exception as exc:  # best effort: the error that got us here is the one to report
+                log.info("bin %d: could not drop its CAR's upload: %s", work.number, exc)
 
     def _op(self, op: tuple) -> None:
         """Hand one operation to the bin being planned."""
@@ -501,8 +525,10 @@ class Scan:
         if work.sealer is not None:
             try:
                 result = work.sealer.seal()
+                if work.sink is not None:
+                    work.sink.close()  # every byte stored (fsynced; every part uploaded), not yet visible
             except BaseException:
-                work.sealer.abandon()  # its partial CAR is removed, never renamed
+                self._abandon(work)  # its partial CAR is removed, never renamed; an upload is aborted
                 raise
             self.carry = work.sealer.carry_out
             self._commit(work, result)
@@ -524,21 +550,28 @@ class Scan:
             else:
                 record["leaves_sealed"] = leaves_end
             files.append((version, {**record, "bins": [b for b in record["bins"] if b <= work.number]}))
-        self.index.commit(
-            files=files,
-            paths=list(work.paths.items()),
-            touched=self._take_touched(),
-            digests=self._merged_digests(results.digests),
-            bins=[(work.number, result)],
-            segments=[(work.number, end, record) for end, record in results.segments],
-            meta=[(b"scan", work.state)],
-        )
+        try:
+            self.index.commit(
+                files=files,
+                paths=list(work.paths.items()),
+                touched=self._take_touched(),
+                digests=self._merged_digests(results.digests),
+                bins=[(work.number, result)],
+                segments=[(work.number, end, record) for end, record in results.segments],
+                meta=[(b"scan", work.state)],
+            )
+        except BaseException:
+            self._discard_sink(work)
+            raise
         self.last_params = results.params
         self.report.bins_sealed.append(work.number)
         self.report.bytes_read += results.bytes_read
-        if work.partial is not None:
+        if self.car_output is not None:
             # The index commit above came first: a CAR under its final name is always a sealed bin's.
-            os.replace(work.partial, work.partial[: -len(".partial")])
+            # (A directory: the rename of what this process or a worker wrote; a bucket: the upload's
+            # complete, for a bin sealed here.)
+            sink, work.sink = work.sink, None
+            self.car_output.commit(work.number, work.partial, sink)
         log.info(
             "sealed bin %d: %d bytes (%.2f%% of %d), piece %s",
             work.number, result["car_size"], 100 * result["car_size"] / self.bin_size, self.bin_size,

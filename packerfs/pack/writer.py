@@ -5,8 +5,18 @@ temporary name, synced, checked for length, then renamed: a CAR that exists
 under its final name is complete.
 
 OUT may also be an object-store prefix (s3://, gs://, az://; see
-packerfs.source.upload): each CAR is then uploaded while BinReader generates it,
-in parts, and exists under its name only once complete; the manifests follow.
+packerfs.source.upload): each CAR is then uploaded in parts and exists under its
+name only once complete; the manifests follow.
+
+During the scan, each bin sealed in this process writes its CAR as it is laid
+out (one read of the source) to a CarOutput: a DirectoryOutput (OUT/bin-N.car.partial,
+renamed once the bin's index commit is done) or a StoreOutput (an S3 or Azure
+upload, completed at that same point). Bins sealed elsewhere (Dask workers) write
+to a directory OUT as well, but not to a bucket; those, the bins sealed by an
+earlier run and every gs:// CAR (a GCS resumable upload takes its bytes in order,
+and the header is known only at the seal) are uploaded after the scan by
+upload_cars, generated again from the index (BinReader: the source is read again
+for them).
 """
 
 from __future__ import annotations
@@ -15,8 +25,9 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from packerfs.errors import PackerfsError
 from packerfs.pack.reader import BinReader
@@ -24,7 +35,7 @@ from packerfs.ipld import car
 
 if TYPE_CHECKING:
     from packerfs.pack import Engine
-    from packerfs.source.upload import ObjectStore
+    from packerfs.source.upload import ObjectStore, ObjectWriter
 
 CSV_COLUMNS = ["car_file", "piece_cid", "piece_size", "payload_cid", "car_size", "piece_cid_v2", "status"]
 
@@ -36,6 +47,91 @@ def bin_status(result: dict) -> str:
 
 def car_name(number: int) -> str:
     return f"bin-{number:06d}.car"
+
+
+CAR_NAME = re.compile(r"bin-[0-9]{6,}\.car")
+
+
+def is_output_name(name: str) -> bool:
+    """A name pack writes in OUT: a CAR or a manifest."""
+    return name in MANIFESTS or CAR_NAME.fullmatch(name) is not None
+
+
+class CarOutput:
+    """Where the scan writes each new bin's CAR as it lays it out (packerfs.pack.scan).
+
+    sink(number) is the BinLayout sink for a bin sealed in this process (write, pwrite, close);
+    commit() makes the CAR appear under its final name and runs only after the bin's index commit,
+    so a CAR under its final name is always a sealed bin's; discard() drops an abandoned one."""
+
+    def worker_path(self, number: int) -> str | None:
+        """Where a Dask worker (or the collecting coordinator) writes the CAR of a bin sealed there;
+        None: such bins are not written during the scan."""
+        return None
+
+    def sink(self, number: int, partial: str | None):
+        raise NotImplementedError
+
+    def commit(self, number: int, partial: str | None, sink) -> None:
+        raise NotImplementedError
+
+    def discard(self, number: int, sink, *, laid_out: bool = True) -> None:
+        """Drop the CAR of a bin that will not be committed (`laid_out`: its sink went to a BinLayout,
+        which is abandoned right after this)."""
+
+
+class DirectoryOutput(CarOutput):
+    """OUT/bin-N.car.partial while the bin is laid out (here or on a worker sharing OUT), renamed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def worker_path(self, number: int) -> str:
+        return os.path.join(self.path, car_name(number) + ".partial")
+
+    def sink(self, number: int, partial: str | None):
+        from packerfs.pack.seal import SyncingFile
+
+        return SyncingFile(partial)
+
+    def commit(self, number: int, partial: str | None, sink) -> None:
+        if partial is not None:
+            os.replace(partial, partial[: -len(".partial")])
+
+    def discard(self, number: int, sink, *, laid_out: bool = True) -> None:
+        if laid_out:
+            return  # BinLayout.abandon closes and unlinks the partial file, once its writer thread stopped
+        try:
+            sink.close()
+        finally:
+            try:
+                os.unlink(sink.name)
+            except FileNotFoundError:
+                pass
+
+
+class StoreOutput(CarOutput):
+    """An S3 or Azure prefix: each CAR sealed in this process is uploaded as it is laid out
+    (source.upload.ObjectWriter) and completed at commit(). Bins sealed on Dask workers are not
+    written here: upload_cars uploads them after the scan."""
+
+    def __init__(self, store: "ObjectStore"):
+        if not store.streams_during_scan:
+            raise AssertionError(f"{store.url}: uploads to this store are sent in order; use upload_cars")
+        self.store = store
+        self.uploaded: list[int] = []  # bins whose CAR this run uploaded during the scan
+
+    def sink(self, number: int, partial: str | None) -> "ObjectWriter":
+        return self.store.writer(car_name(number))
+
+    def commit(self, number: int, partial: str | None, sink) -> None:
+        if sink is not None:
+            sink.commit()
+            self.uploaded.append(number)
+
+    def discard(self, number: int, sink, *, laid_out: bool = True) -> None:
+        if sink is not None:
+            sink.abort()  # first: write() on the layout's thread then drops what is still queued
 
 
 def write_car(reader: BinReader, number: int, out_dir: str, advance: Callable[[int], None] = lambda n: None) -> str:
@@ -127,29 +223,41 @@ class UploadReport:
     uploaded: list[int] = field(default_factory=list)  # uploaded by this run (the others were kept)
 
 
-def upload_cars(engine: "Engine", store: "ObjectStore", advance: Callable[[int], None] = lambda n: None) -> UploadReport:
+def upload_cars(
+    engine: "Engine", store: "ObjectStore", advance: Callable[[int], None] = lambda n: None, *,
+    uploaded: Collection[int] = (), clean: bool = True,
+) -> UploadReport:
     """Engine.write for an object-store OUT: every current bin's CAR, then the manifests.
 
     The same rules as for a directory: retired bins are not uploaded (an earlier copy stays and is
     listed); a current bin that can no longer be generated is kept if present, else unavailable. An
     object of the CAR's size whose header names the bin's root is kept, not uploaded again.
+    `uploaded`: bins this run already uploaded during the scan (StoreOutput), reported as uploaded
+    without another look. `clean`: first abort what an interrupted run left unfinished (False: the
+    caller did, before the scan).
     """
     reader = engine.reader()
     report = UploadReport()
     listed = []
     bins = engine.bins()
-    # what an interrupted run left unfinished (S3 multipart uploads) goes before anything is written
-    store.clean([car_name(b["bin"]) for b in bins] + list(MANIFESTS))
+    if clean:
+        # what an interrupted run left unfinished (S3 multipart uploads) goes before anything is written
+        store.clean([car_name(b["bin"]) for b in bins] + list(MANIFESTS))
     for result in bins:
         name = car_name(result["bin"])
-        present = store.existing(name, result["car_size"], car.header(result["root"]))
+        if result["bin"] in uploaded:
+            report.uploaded.append(result["bin"])
+            present = True
+        else:
+            present = store.existing(name, result["car_size"], car.header(result["root"]))
         if bin_status(result) == "retired":
             report.retired.append(result["bin"])
             if present:
                 listed.append(result)
             continue
         if present:
-            report.written.append(store.object_url(name))  # an earlier run's; `verify` re-checks content
+            # this run's (during the scan), or an earlier run's; `verify` re-checks content
+            report.written.append(store.object_url(name))
             listed.append(result)
         elif result.get("regenerable", True):
             expected = reader.size(result["bin"])

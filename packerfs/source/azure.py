@@ -10,6 +10,8 @@ the blob is committed with Put Block List, so it exists only once complete. Ever
 Content-MD5 (validate_content=True), which Azure (and Azurite) verify before they store the block
 (400 Md5Mismatch otherwise). Blocks of an interrupted run stay uncommitted, invisible to listings,
 until the next commit of the name discards them (or Azure does, after a week).
+A CAR uploaded during the scan (upload.ObjectWriter) stages its first block last, once the header
+naming its root is fixed up: the block list, in block order, is what the blob is.
 
 Pinning: every read carries If-Match with the listed ETag (which changes on every write), so an
 overwritten blob gives 412 and the read fails rather than mixing versions.
@@ -81,6 +83,7 @@ class AzureBackend(Backend):
     # ---------------------------------------------------------------- writing (packerfs.source.upload)
 
     parts_in_flight = 2
+    parts_any_order = True  # the block list gives the order: the first block may be staged last
 
     async def upload_start(self, key: str, size: int, content_type: str) -> dict:
         # Nothing is sent: blocks are staged under ids unique to this upload (all of one length, as

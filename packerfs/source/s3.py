@@ -13,6 +13,8 @@ the store reports (the SHA-256 of the parts' SHA-256s, which moto too computes f
 stored) is compared with ours; an object that differs is deleted at once. `-o upload_checksum=md5` sends Content-MD5
 instead, which S3-compatible stores without the newer checksums verify (MinIO, Ceph RGW, …).
 Unfinished multipart uploads of an interrupted run are listed and aborted by the next one.
+A CAR uploaded during the scan (upload.ObjectWriter) sends its first part last, once the header
+naming its root is fixed up: S3 assembles the parts by number, whatever order they came in.
 
 Pinning: on a bucket with versioning enabled, the listing is ListObjectVersions (its latest
 entries) and every read names the VersionId, so an object overwritten later still reads as the
@@ -142,6 +144,7 @@ class S3Backend(Backend):
     # ---------------------------------------------------------------- writing (packerfs.source.upload)
 
     parts_in_flight = 2
+    parts_any_order = True  # parts are assembled by PartNumber: the first may go last (upload.ObjectWriter)
 
     async def upload_start(self, key: str, size: int, content_type: str) -> str:
         client = await self._client()

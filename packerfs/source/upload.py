@@ -17,12 +17,22 @@ requests are methods of the same backends (s3.py, azure.py, gcs.py):
     head(key, length) -> (size, first bytes) | None   (a ranged read: the keep check)
     stale_uploads(prefix) -> [(key, handle)]          (S3: unfinished multipart uploads to clean)
     parts_in_flight                                   (2; GCS chunks go one after another: 1)
+    parts_any_order                                   (S3, Azure: parts may go in any order, they are
+                                                       assembled by number / block list; GCS: absent)
+
+Two ways in. upload(name, pieces, size) sends bytes generated in order (a CAR regenerated from the
+index, a manifest). writer(name) is the sink a CAR is laid out into during the scan (packerfs.pack.scan:
+one read of the source): the CAR's header, which names its root, is known only at the seal, so the
+writer holds the first part in memory, sends the later ones as they fill, and sends the first (with
+the header fixed up by pwrite) last; commit() makes the object appear, after the bin's index commit.
+That takes parts_any_order (S3, Azure); a GCS resumable upload takes its bytes in order, so gs://
+CARs are uploaded after the scan, generated again from the index.
 
 Completeness: an object exists under its name only once its upload is complete (the multipart
 complete, the block list commit, the resumable session's last chunk), so a killed pack leaves no
 half-written object; the next run keeps every object whose size and CAR header (the payload root)
 match, and uploads the others. Memory is bounded: a part of PART_SIZE bytes is filled while at most
-`parts_in_flight` earlier parts are being sent.
+`parts_in_flight` earlier parts are being sent (and a writer holds its first part).
 
 Every request is retried while the store throttles or cannot be reached (objects.RETRY_SECONDS,
 jittered exponential backoff), and every failure ends in one line naming the object's URL and, for
@@ -34,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import random
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable
@@ -124,7 +134,7 @@ class ObjectStore:
                 failure = self._classify(exc)
                 attempt += 1
                 if failure.kind in RETRIED and time.monotonic() < deadline:
-                    delay = min(5.0, 0.1 * 2 ** min(attempt, 10)) * (0.5 + random.random())
+                    delay = objects.backoff(attempt)
                     log.info("%s: %s (%s); retrying in %.1f s", self._where(key, part, offset), what, failure.text, delay)
                     await asyncio.sleep(delay)
                     continue
@@ -181,14 +191,25 @@ class ObjectStore:
             return None
         return found[1]
 
-    def clean(self, names: Iterable[str]) -> int:
-        """Abandon unfinished uploads (of an interrupted run) to these names: how many were dropped.
+    def clean(self, names: Iterable[str] | Callable[[str], bool]) -> int:
+        """Abandon unfinished uploads (of an interrupted run) to these names, or to every name directly
+        under the prefix that `names(name)` accepts: how many were dropped.
 
         Only where the store keeps them and they are cheap to find (S3 multipart uploads: one listing
         of the prefix). Azure's uncommitted blocks are discarded by the next commit of the name (or
         after a week), GCS resumable sessions expire after a week; neither is ever visible as an object."""
-        keys = {self.key(name) for name in names}
         prefix = self.parsed.prefix + "/" if self.parsed.prefix else ""
+        if callable(names):
+            accepts = names
+
+            def ours(key: str) -> bool:
+                name = key[len(prefix):]
+                return key.startswith(prefix) and "/" not in name and accepts(name)
+        else:
+            keys = {self.key(name) for name in names}
+
+            def ours(key: str) -> bool:
+                return key in keys
         try:
             stale = self.call(self.backend.stale_uploads, prefix, what="list unfinished uploads", key=prefix or None)
         except UploadError as exc:
@@ -196,7 +217,7 @@ class ObjectStore:
             return 0
         dropped = 0
         for key, handle in stale:
-            if key in keys:
+            if ours(key):
                 self._abandon(key, handle)
                 dropped += 1
         if dropped:
@@ -213,6 +234,19 @@ class ObjectStore:
             log.info("%s: could not abort the unfinished upload (%s)", self._where(key), self._classify(exc).text)
 
     # ---------------------------------------------------------------- writing
+
+    @property
+    def streams_during_scan(self) -> bool:
+        """Can a CAR be uploaded while the scan lays it out (writer())? Its first part goes last, so
+        the store must take parts in any order: S3 and Azure do, a GCS resumable upload does not."""
+        return bool(getattr(self.backend, "parts_any_order", False))
+
+    def writer(self, name: str, size_hint: int | None = None) -> "ObjectWriter":
+        """A sink for object `name` whose size is not known yet (a CAR being laid out): see ObjectWriter.
+        Starts the upload now (S3 CreateMultipartUpload)."""
+        if not self.streams_during_scan:
+            raise AssertionError(f"{self.url}: this store takes an upload's parts in order only; use upload()")
+        return ObjectWriter(self, name, size_hint)
 
     def upload(self, name: str, pieces: Iterable[bytes], size: int, advance: Callable[[int], None] = lambda n: None) -> str:
         """Upload the `size` bytes `pieces` gives as object `name`, in parts of PART_SIZE bytes while
@@ -266,7 +300,7 @@ class ObjectStore:
             self.call(backend.upload_complete, key, handle, tokens, what="complete the upload", key=key)
             finished = True
         except PackerfsError as exc:
-            exc.args = (f"{exc}; {name} was not completed (nothing of this upload is left under its name)",)
+            _not_completed(exc, name)
             raise
         finally:
             if not finished:
@@ -281,3 +315,169 @@ class ObjectStore:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _not_completed(exc: PackerfsError, name: str) -> PackerfsError:
+    exc.args = (f"{exc}; {name} was not completed (nothing of this upload is left under its name)",)
+    return exc
+
+
+class ObjectWriter:
+    """An object uploaded as it is written, of a size known only at the end: the sink a CAR is laid
+    out into during the scan (packerfs.plan.layout.BinLayout: write() as bytes are laid out, on the
+    layout's writer thread; pwrite() of the header at the seal; close()).
+
+    The first PART_SIZE bytes are held in memory until close(), since pwrite() fixes up the header in
+    them; every later part is sent as soon as it is full and more data follows (so the last part is
+    never empty), at most `parts_in_flight` at a time, with the checksums upload() sends (S3: SHA-256
+    per part and the composite compared after the complete; Azure: Content-MD5 per block). close()
+    sends the last part and then the first, and waits for all of them; the object is still absent.
+    commit() completes the upload (S3 CompleteMultipartUpload, Azure Put Block List, parts in number
+    order): only then does the object appear under its name. abort() drops everything sent (S3
+    AbortMultipartUpload; Azure's uncommitted blocks are never visible and are discarded by the next
+    commit of the name). Memory: the first part, one filling, `parts_in_flight` being sent.
+
+    After a failure the error (one line, naming the URL, part and offset) is kept: write() drops its
+    data (the layout's thread has handed the error on), close() and commit() raise it again.
+    """
+
+    # BinLayout.abandon() closes its sink and unlinks sink.name: there is no local file, and unlink("")
+    # always finds nothing
+    name = ""
+
+    def __init__(self, store: ObjectStore, name: str, size_hint: int | None = None):
+        self.store = store
+        self.backend = store.backend
+        self.object_name = name
+        self.key = store.key(name)
+        self.handle = store.call(
+            self.backend.upload_start, self.key, size_hint or 0, content_type(name), what="start the upload",
+            key=self.key,
+        )
+        self.first = bytearray()  # part 1: [0, PART_SIZE), held until close()
+        self.buffer = bytearray()  # the part being filled
+        self.size = 0  # bytes written
+        self.next_number = 2  # the number the next full part takes
+        self.in_flight: deque[tuple[int, concurrent.futures.Future]] = deque()
+        self.tokens: dict[int, object] = {}  # part number -> what the complete names it by
+        self.state = "open"  # -> closed -> committed; failed; aborted
+        self.error: PackerfsError | None = None
+        self.lock = threading.Lock()  # abort() (the scan's thread) against write() (the layout's)
+
+    @property
+    def url(self) -> str:
+        return self.store.object_url(self.object_name)
+
+    def write(self, data) -> None:
+        if self.state != "open":
+            return  # failed (the error is on its way) or aborted: nothing more is sent
+        try:
+            view = memoryview(data)
+            if len(self.first) < PART_SIZE:
+                take = PART_SIZE - len(self.first)
+                self.first += view[:take]
+                view = view[take:]
+            self.buffer += view
+            self.size += len(data)
+            # a full part goes once more data follows it, so the last part is never empty
+            while len(self.buffer) > PART_SIZE:
+                with memoryview(self.buffer) as whole:
+                    part = bytes(whole[:PART_SIZE])
+                del self.buffer[:PART_SIZE]
+                number = self.next_number
+                self.next_number += 1
+                self._send(number, part, None)
+        except PackerfsError as exc:
+            raise self._fail(exc) from None
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        """Overwrite bytes already written: only ever the CAR header, inside the first part."""
+        if self.error is not None:
+            raise self.error
+        if self.state != "open":
+            raise AssertionError(f"{self.url}: pwrite() after close() or abort()")
+        if offset < 0 or offset + len(data) > len(self.first):
+            raise AssertionError(f"{self.url}: pwrite() at {offset} for {len(data)} bytes is outside the first part")
+        self.first[offset : offset + len(data)] = data
+
+    def close(self) -> None:
+        """Send everything written and wait until it is stored; the object does not exist yet (commit())."""
+        if self.error is not None:
+            raise self.error
+        if self.state != "open":
+            return  # closed already, or aborted (BinLayout.abandon closes its sink)
+        try:
+            if self.buffer:  # the last part (the first, when everything fits in it)
+                last, self.buffer = bytes(self.buffer), bytearray()
+                self._send(self.next_number, last, self.size)
+            first, self.first = bytes(self.first), bytearray()
+            self._send(1, first, None if self.tokens or self.in_flight else self.size)
+            while self.in_flight:
+                self._wait_oldest()
+        except PackerfsError as exc:
+            raise self._fail(exc) from None
+        self.state = "closed"
+
+    def commit(self) -> str:
+        """Complete the upload: the object appears under its name. Its URL."""
+        if self.error is not None:
+            raise self.error
+        if self.state != "closed":
+            raise AssertionError(f"{self.url}: commit() before close()")
+        tokens = [self.tokens[number] for number in sorted(self.tokens)]
+        try:
+            self.store.call(
+                self.backend.upload_complete, self.key, self.handle, tokens, what="complete the upload", key=self.key
+            )
+        except PackerfsError as exc:
+            error = self._fail(exc)
+            self.abort()
+            raise error from None
+        self.state = "committed"
+        return self.url
+
+    def abort(self) -> None:
+        """Drop the upload (best effort, never retried for long): nothing appears under the name."""
+        with self.lock:
+            if self.state in ("committed", "aborted"):
+                return
+            self.state = "aborted"
+            pending, self.in_flight = list(self.in_flight), deque()
+        self.first = self.buffer = bytearray()
+        for _, future in pending:
+            future.cancel()
+        self.store._abandon(self.key, self.handle)
+
+    # ------------------------------------------------------------ parts
+
+    def _send(self, number: int, data: bytes, total: int | None) -> None:
+        while len(self.in_flight) >= self.backend.parts_in_flight:
+            self._wait_oldest()
+        offset = (number - 1) * PART_SIZE
+        prepared = self.backend.prepare_part(self.handle, data)
+        with self.lock:
+            if self.state != "open":
+                return
+            future = self.store.submit(
+                self.backend.upload_part, self.key, self.handle, number, offset, data, total, prepared,
+                what=f"upload part {number}", key=self.key, part=number, offset=offset,
+            )
+            self.in_flight.append((number, future))
+
+    def _wait_oldest(self) -> None:
+        with self.lock:
+            if not self.in_flight:
+                return
+            number, future = self.in_flight.popleft()
+        try:
+            self.tokens[number] = future.result()
+        except concurrent.futures.CancelledError:
+            if self.state != "aborted":
+                raise
+
+    def _fail(self, exc: PackerfsError) -> PackerfsError:
+        if self.error is None:
+            self.error = _not_completed(exc, self.object_name)
+        if self.state != "aborted":
+            self.state = "failed"
+        return self.error
