@@ -123,6 +123,14 @@ CHANGED, MISSING, BUCKET_MISSING, DENIED, THROTTLED, UNREACHABLE, OTHER = (
 RETRIED = (THROTTLED, UNREACHABLE)
 
 
+def _quiet_loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """What asyncio would print to stderr (a traceback: "Task exception was never retrieved", say, from
+    an SDK's request task orphaned when its connection died) goes to the debug log instead: every
+    failure that matters is already reported, in one line, by whoever awaited the request."""
+    exc = context.get("exception")
+    log.debug("event loop: %s%s", context.get("message", "error"), f" ({exc!r})" if exc is not None else "")
+
+
 class Backend:
     """What one store's SDK does for the source: list one level, read a pinned range, word failures.
 
@@ -136,7 +144,10 @@ class Backend:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        return self.fs.loop
+        loop = self.fs.loop
+        if loop.get_exception_handler() is not _quiet_loop_errors:
+            loop.set_exception_handler(_quiet_loop_errors)
+        return loop
 
     async def list_level(self, prefix: str) -> Iterator[list[Listed]]:
         """Pages of the objects and sub-prefixes directly under `prefix` ("" or ending in "/")."""
