@@ -203,3 +203,37 @@ def test_a_killed_server_gives_eio_for_its_pieces_only(packed, tmp_path):
             assert data == (packed.src / "media" / "other.bin").read_bytes()[19 * MiB :]
             server.start()
             assert within(OP_TIMEOUT, pread, big, 20 * MiB, MiB) == expected[20 * MiB : 21 * MiB]
+
+
+def test_a_part_over_1024_leaves_is_located_through_two_levels(tmp_path, monkeypatch):
+    """A part of more than 1024 leaves has a root over level-1 nodes: each node's place and its
+    leaves' are found from the root's links (Tsize, blocksizes), never by walking the CAR. The CARs
+    are local files here, read the way remote ones are (their objects say remote)."""
+    from packerfs.unpack import locations
+
+    leaves = 1024 + 7  # the root links two level-1 nodes, the second one short
+
+    def leaf(i: int) -> bytes:
+        return i.to_bytes(8, "big") * 8 + bytes(MiB - 64) if i < leaves else b"tail"
+
+    def content(offset: int, n: int) -> bytes:
+        out = b""
+        while len(out) < n and offset // MiB <= leaves:
+            out += leaf(offset // MiB)[offset % MiB :][: n - len(out)]
+            offset = (offset // MiB + 1) * MiB
+        return out
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big.bin", "wb") as f:
+        for i in range(leaves + 1):
+            f.write(leaf(i))  # every leaf distinct, cheaply
+    packerfs("pack", src, tmp_path / "cars", "-t", tmp_path / "state", "--no-encryption", "--bin-size", "2GiB",
+             timeout=300)
+    monkeypatch.setattr(locations.LocalCar, "remote", True)
+    with CarSet.open(tmp_path / "cars") as carset:
+        assert not carset.cars[0].located
+        reader = FileReader(carset)
+        size = leaves * MiB + 4
+        for offset in (0, 1023 * MiB + 5, 1024 * MiB - 3, 1030 * MiB + 7, size - 10):
+            assert reader.read(b"big.bin", offset, 10) == content(offset, 10), offset

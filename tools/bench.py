@@ -28,6 +28,8 @@ SUITES = {
     "source": "bench_source",
     "serve": "bench_serve",
     "parallel": "bench_parallel",
+    "upload": "bench_upload",
+    "remote": "bench_remote",
 }
 
 
