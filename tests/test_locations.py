@@ -12,8 +12,6 @@ import csv
 import json
 import os
 import random
-import re
-import subprocess
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -22,8 +20,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import stop_process, PACKERFS, ROOT, packerfs, write_random
+from conftest import packerfs, write_random
 from nginx import NginxPieces, nginx_binary
+from test_serve import gateway
 from packerfs.errors import PackerfsError, UsageError
 from packerfs.source import objects
 from packerfs.unpack import locations
@@ -167,32 +166,17 @@ def test_bucket_prefix(kind, packed, request, monkeypatch):
 
 @contextmanager
 def packerfs_serve(packed, tmp_path: Path, options=None):
-    """`packerfs serve` of the pack `packed` (src, state; the pack's `options`), until the block ends."""
-    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
-    args = [*PACKERFS, "serve", str(packed.src), "--listen", "127.0.0.1:0", "-t", str(packed.state),
-            *(OPTIONS if options is None else options)]
-    with open(log, "wb") as err:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
-    try:
-        line = b""
+    """`packerfs serve` of the pack `packed` (src, state; the pack's `options`), ready, until the block ends."""
+    with gateway(packed.src, packed.state, tmp_path, *(OPTIONS if options is None else options)) as g:
         deadline = time.monotonic() + START_TIMEOUT
-        os.set_blocking(process.stdout.fileno(), False)
-        while b"\n" not in line and time.monotonic() < deadline and process.poll() is None:
-            line += process.stdout.read() or b""
-            time.sleep(0.05)
-        match = re.search(rb"(http://127\.0\.0\.1:\d+)", line)
-        assert match, f"packerfs serve did not start: {line!r} {log.read_text()[-2000:]}"
-        url = match.group(1).decode()
         while True:
-            with urllib.request.urlopen(url + "/status", timeout=10) as answer:
+            with urllib.request.urlopen(g.url + "/status", timeout=10) as answer:
                 status = json.loads(answer.read())
             if status["state"] == "ready":
                 break
             assert status["state"] != "failed" and time.monotonic() < deadline, status
             time.sleep(0.1)
-        yield url
-    finally:
-        stop_process(process)
+        yield g.url
 
 
 @pytest.fixture(scope="module")

@@ -58,22 +58,7 @@ class GCSBackend(Backend):
         self.fs = gcsfs.GCSFileSystem(skip_instance_cache=True, use_listings_cache=False, **options)
 
     async def _get(self, url: str, params: dict | None = None, headers: dict | None = None) -> bytes:
-        fs = self.fs
-        await fs._set_session()
-        async with fs.session.request(
-            "GET", url, params=fs._get_params(params or {}), headers=fs._get_headers(headers),
-            timeout=fs.requests_timeout,
-        ) as answer:
-            body = await answer.read()
-            if answer.status >= 400:
-                reason = ""
-                try:
-                    error = json.loads(body)["error"]
-                    reason = error.get("message", "") if isinstance(error, dict) else str(error)
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    reason = body[:200].decode("utf-8", "replace")
-                raise GCSError(answer.status, reason.splitlines()[0] if reason else answer.reason or "", url)
-            return body
+        return (await self._request("GET", url, params=params or {}, headers=headers, redirects=True))[2]
 
     def _objects_url(self) -> str:
         return f"{self.fs._location}/storage/v1/b/{quote(self.url.bucket, safe='')}/o"
@@ -115,15 +100,15 @@ class GCSBackend(Backend):
     parts_in_flight = 1  # a resumable session takes its chunks in order
 
     async def _request(self, method: str, url: str, *, params: dict | None = None, headers: dict | None = None,
-                       data: bytes | None = None, json_body: dict | None = None):
-        """(status, headers, body) of one request; >= 400 raises GCSError. 308 (a resumable
-        session's "go on") is an answer, not a redirect."""
+                       data: bytes | None = None, json_body: dict | None = None, redirects: bool = False):
+        """(status, headers, body) of one request; >= 400 raises GCSError. Without `redirects`, 308 (a
+        resumable session's "go on") is an answer, not a redirect."""
         fs = self.fs
         await fs._set_session()
         kwargs = {"data": data} if json_body is None else {"json": json_body}
         async with fs.session.request(
             method, url, params=None if params is None else fs._get_params(params), headers=fs._get_headers(headers),
-            timeout=fs.requests_timeout, allow_redirects=False, **kwargs,
+            timeout=fs.requests_timeout, allow_redirects=redirects, **kwargs,
         ) as answer:
             body = await answer.read()
             if answer.status >= 400:
