@@ -27,6 +27,7 @@ threads.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import stat
@@ -37,8 +38,12 @@ from typing import NamedTuple, Protocol, Sequence
 from packerfs import locator
 from packerfs import manifest as manifest_format
 from packerfs.errors import FormatError, PackerfsError, TruncatedInput, UsageError
+from packerfs.ipld import cbor
 from packerfs.ipld.car import CarReader, Section, section_length
-from packerfs.ipld.cid import DAG_PB, IDENTITY, RAW, check_block, cid_codec, cid_multihash, cid_to_str, decode_uvarint, read_cid
+from packerfs.ipld.cid import (
+    DAG_PB, IDENTITY, RAW, check_block, cid_codec, cid_multihash, cid_to_str, decode_uvarint, encode_uvarint, parse_cid,
+    read_cid,
+)
 from packerfs.ipld.dagpb import FILE, RAW_TYPE, UnixFSData, decode_node
 from packerfs.unpack import dag
 
@@ -462,8 +467,6 @@ class CarSet:
         self._bound_gaps(hinted)
 
     def _open_foreign(self, cars: list[Car], root: str | bytes | None) -> None:
-        from packerfs.ipld.cid import parse_cid
-
         self.foreign = True
         self.cipher = "plain"
         self.cars = sorted(cars, key=lambda c: c.path)
@@ -735,8 +738,8 @@ class CarSet:
                 found.append((link.cid, Location(car.id, start, start + span - length, length)))
                 leaves = -(-content // LEAF)
                 last = content - (leaves - 1) * LEAF
-                start -= (leaves - 1) * (len(_uv(RAW_CID_LEN + LEAF)) + RAW_CID_LEN + LEAF)
-                start -= len(_uv(RAW_CID_LEN + last)) + RAW_CID_LEN + last
+                start -= (leaves - 1) * (len(encode_uvarint(RAW_CID_LEN + LEAF)) + RAW_CID_LEN + LEAF)
+                start -= len(encode_uvarint(RAW_CID_LEN + last)) + RAW_CID_LEN + last
             if start < 0:
                 break
             end = start
@@ -795,8 +798,6 @@ def _prefetch_ends(objects: list) -> dict:
     waits for about one round trip per PREFETCH CARs, not two per CAR."""
     if not objects:
         return {}
-    import concurrent.futures
-
     pool = concurrent.futures.ThreadPoolExecutor(PREFETCH, thread_name_prefix="car-ends")
     futures = {id(obj): pool.submit(_ends, obj) for obj in objects}
     pool.shutdown(wait=False)  # the workers finish the queue, then exit
@@ -811,12 +812,6 @@ def _is_identity(cid: bytes) -> bool:
         return False
 
 
-def _uv(n: int) -> bytes:
-    from packerfs.ipld.cid import encode_uvarint
-
-    return encode_uvarint(n)
-
-
 def _at(car_id: int, at: int, cid: bytes, length: int) -> Location:
     """A block at section offset `at`: exact when its length is known, else read from its header."""
     if length < 0:
@@ -827,8 +822,6 @@ def _at(car_id: int, at: int, cid: bytes, length: int) -> Location:
 
 def _header_roots(head: bytes, path: str) -> list[bytes]:
     """The roots named by a CARv1 header at the start of `head`."""
-    from packerfs.ipld import cbor
-
     try:
         length, pos = decode_uvarint(head, 0)
         if pos + length > len(head):
