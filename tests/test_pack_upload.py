@@ -253,10 +253,11 @@ def test_killed_mid_scan_rerun_uploads_only_the_missing_bins(kind, request, s3_s
     assert store_files(server, bucket, "cars") == local_files(local)
 
 
-def test_bins_sealed_on_dask_workers_are_uploaded_after_the_scan(s3_server, s3_source, recipient, tmp_path):
-    """Workers do not upload: their bins are generated again from the index once the scan is done;
-    the last bin (the snapshot's, sealed by packerfs itself) is uploaded during the scan."""
-    src, _ = s3_source
+def test_bins_sealed_on_dask_workers_are_uploaded_by_the_workers(s3_server, s3_source, recipient, tmp_path):
+    """Each worker uploads the CAR of the bin it seals as it lays it out, and the coordinator completes
+    the upload after the bin's index commit; the last bin (the snapshot's) is sealed and uploaded by
+    packerfs itself. Nothing is generated again after the scan."""
+    src, size = s3_source
     bucket = s3_server.new_bucket("dask")
     url = f"s3://{bucket}/cars"
     state = tmp_path / "state"
@@ -265,6 +266,9 @@ def test_bins_sealed_on_dask_workers_are_uploaded_after_the_scan(s3_server, s3_s
     sealed_on = {car["car_file"]: car["sealed_on"] for car in report["cars"]}
     assert sealed_on["bin-000001.car"] and sealed_on["bin-000003.car"] is None, sealed_on
     assert report["uploaded_bins"] == [1, 2, 3] and report["kept_bins"] == []
+    # what this process fetched: only what it sealed itself (the last bin); the workers read the rest,
+    # and no bin was generated again from the source after the scan (that would fetch about `size`)
+    assert report["bytes_fetched"] < 0.5 * size, (report["bytes_fetched"], size)
     local = tmp_path / "local"
     packerfs(*pack_args(src, str(local), state, recipient), env=env, timeout=TIMEOUT)
     assert store_files(s3_server, bucket, "cars") == local_files(local)

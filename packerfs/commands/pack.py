@@ -56,9 +56,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
             if store.streams_during_scan:
                 scanned_into = StoreOutput(store)
         with progress("packing", None) as advance:
-            # New bins sealed here are written while the source is read: to a directory, or uploaded
-            # to an S3 or Azure bucket; write() / upload_cars() below add those sealed earlier, on Dask
-            # workers (for a bucket) or by an earlier run, and every gs:// CAR, generated again.
+            # New bins are written while the source is read (here or by the Dask worker sealing them):
+            # to a directory, or uploaded to an S3 or Azure bucket; write() / upload_cars() below add
+            # those sealed by an earlier run, and every gs:// CAR, generated again.
             options = dict(
                 skip_unreadable=args.skip_unreadable, advance=advance, repack_below=args.repack_below,
                 pool_factory=make_pool,

@@ -69,6 +69,7 @@ class Placement:
     car_path: str | None  # OUT/bin-N.car.partial on a path the workers share
     collect: bool  # write to the worker's own temporary directory instead
     kernel_threads: int = 0  # commP kernel threads on the worker (0: one per CPU)
+    upload: tuple | None = None  # (store spec, options, object name): upload the CAR there instead
 
 
 def seal_bins(ctx: SealContext, bins: list[Placement]) -> list[tuple[dict, Results, tuple | None]]:
@@ -90,7 +91,11 @@ def seal_bins(ctx: SealContext, bins: list[Placement]) -> list[tuple[dict, Resul
         if placement.collect:
             path = os.path.join(_worker_tmp(), f"packerfs-{uuid.uuid4().hex}-{placement.number}.car")
             where = (_worker_address(), path)
-        sink = SyncingFile(path) if path is not None else None
+        if placement.upload is not None:
+            spec, options, name = placement.upload
+            sink = _worker_store(spec, options).writer(name)
+        else:
+            sink = SyncingFile(path) if path is not None else None
         sealer = BinSealer(ctx, placement.number, source, results, sink, seams=seams, carry=carry)
         try:
             ops = placement.ops
@@ -103,8 +108,12 @@ def seal_bins(ctx: SealContext, bins: list[Placement]) -> list[tuple[dict, Resul
             result = sealer.seal()
             result["sealed_on"] = _worker_address()
             if sink is not None:
-                sink.close()
+                sink.close()  # an upload: every part stored, the object not yet visible
+            if placement.upload is not None:
+                result["upload"] = sink.detach()  # the coordinator completes it after the index commit
         except BaseException:
+            if placement.upload is not None:
+                sink.abort()  # first: the layout's writer thread then drops what is still queued
             sealer.abandon()
             raise
         results.on_read.flush()
@@ -154,6 +163,18 @@ def remove_file(path: str) -> None:
 
 
 _SOURCES: dict = {}
+_STORES: dict = {}
+
+
+def _worker_store(spec: str, options: dict):
+    """One open ObjectStore per worker process and output prefix."""
+    from packerfs.source.upload import ObjectStore
+
+    key = (spec, repr(sorted(options.items())))
+    store = _STORES.get(key)
+    if store is None:
+        store = _STORES[key] = ObjectStore(spec, options).open()
+    return store
 
 
 def _worker_source(ctx: SealContext):
@@ -276,7 +297,7 @@ class Pool:
         works, self.group = self.group, []
         placements = [
             Placement(w.number, w.ops, None if self.collect else w.partial, self.collect and w.partial is not None,
-                      self.kernel_threads)
+                      self.kernel_threads, w.upload)
             for w in works
         ]
         future = self.client.submit(seal_bins, ctx, placements, pure=False, key=f"seal-bin-{works[0].number}-{uuid.uuid4().hex[:8]}")

@@ -190,6 +190,7 @@ class BinWork:
     state: dict | None = None  # the scan state committed with the bin (the counters as of its planning)
     partial: str | None = None  # OUT/bin-N.car.partial (a directory OUT), renamed once committed
     sink: object | None = None  # its CAR's sink while sealed here (CarOutput.sink), committed with the bin
+    upload: tuple | None = None  # where a Dask worker sealing it uploads its CAR (CarOutput.worker_upload)
     planned_read: int = 0  # plaintext its parts stand for (what progress counts for it)
     applied: int = 0  # operations its sealer here applied since records were last flushed
 
@@ -439,7 +440,8 @@ class Scan:
             return
         work = self.work = BinWork(number)
         if self.car_output is not None:
-            work.partial = self.car_output.worker_path(number)  # None for a bucket: workers do not upload
+            work.partial = self.car_output.worker_path(number)  # None for a bucket: workers upload instead
+            work.upload = self.car_output.worker_upload(number)
         if self.pool is None or here:
             work.results.on_read = self.advance
             self._start_sealer(work)
@@ -535,7 +537,14 @@ class Scan:
         else:
             self.pool.submit(self.ctx, work, continues=plan_bin.continues)
             for done, result in self.pool.ready():
-                self._commit(done, result)
+                self._commit_pooled(done, result)
+
+    def _commit_pooled(self, work: BinWork, result: dict) -> None:
+        """_commit of a bin a Dask worker sealed; a CAR it uploaded is completed with the bin."""
+        detached = result.pop("upload", None)
+        if detached is not None:
+            work.sink = self.car_output.attach(work.number, detached)
+        self._commit(work, result)
 
     def _commit(self, work: BinWork, result: dict) -> None:
         """Write a sealed bin and everything that goes with it to the index, in one transaction."""
@@ -637,7 +646,7 @@ class Scan:
         """Wait for every bin the pool is sealing, committing each in order."""
         if self.pool is not None:
             for done, result in self.pool.drain():
-                self._commit(done, result)
+                self._commit_pooled(done, result)
 
     # ================================================================ entries
 

@@ -11,12 +11,12 @@ name only once complete; the manifests follow.
 During the scan, each bin sealed in this process writes its CAR as it is laid
 out (one read of the source) to a CarOutput: a DirectoryOutput (OUT/bin-N.car.partial,
 renamed once the bin's index commit is done) or a StoreOutput (an S3 or Azure
-upload, completed at that same point). Bins sealed elsewhere (Dask workers) write
-to a directory OUT as well, but not to a bucket; those, the bins sealed by an
-earlier run and every gs:// CAR (a GCS resumable upload takes its bytes in order,
-and the header is known only at the seal) are uploaded after the scan by
-upload_cars, generated again from the index (BinReader: the source is read again
-for them).
+upload, completed at that same point). Bins sealed on Dask workers are written
+there the same way, by the worker (a directory OUT they share, or an upload the
+coordinator completes after the index commit). The bins sealed by an earlier run
+and every gs:// CAR (a GCS resumable upload takes its bytes in order, and the
+header is known only at the seal) are uploaded after the scan by upload_cars,
+generated again from the index (BinReader: the source is read again for them).
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ class CarOutput:
         None: such bins are not written during the scan."""
         return None
 
+    def worker_upload(self, number: int) -> tuple | None:
+        """What a Dask worker sealing bin `number` uploads its CAR with: (store spec, options, object
+        name), or None: the worker writes to worker_path(), or nothing."""
+        return None
+
+    def attach(self, number: int, detached: dict):
+        """The sink of a CAR a worker uploaded and closed (ObjectWriter.detach()), to commit() here."""
+        raise AssertionError(f"bin {number}: this output takes no uploads from workers")
+
     def sink(self, number: int, partial: str | None):
         raise NotImplementedError
 
@@ -111,9 +120,9 @@ class DirectoryOutput(CarOutput):
 
 
 class StoreOutput(CarOutput):
-    """An S3 or Azure prefix: each CAR sealed in this process is uploaded as it is laid out
-    (source.upload.ObjectWriter) and completed at commit(). Bins sealed on Dask workers are not
-    written here: upload_cars uploads them after the scan."""
+    """An S3 or Azure prefix: each CAR is uploaded as it is laid out (source.upload.ObjectWriter), in
+    this process or on the Dask worker sealing its bin, and completed at commit(), here, after the
+    bin's index commit."""
 
     def __init__(self, store: "ObjectStore"):
         if not store.streams_during_scan:
@@ -123,6 +132,12 @@ class StoreOutput(CarOutput):
 
     def sink(self, number: int, partial: str | None) -> "ObjectWriter":
         return self.store.writer(car_name(number))
+
+    def worker_upload(self, number: int) -> tuple:
+        return self.store.spec, self.store.options, car_name(number)
+
+    def attach(self, number: int, detached: dict) -> "ObjectWriter":
+        return self.store.attach(detached)
 
     def commit(self, number: int, partial: str | None, sink) -> None:
         if sink is not None:

@@ -78,6 +78,7 @@ class ObjectStore:
     """A prefix of a bucket that objects are written under, e.g. s3://BUCKET/cars."""
 
     def __init__(self, spec: str, options: dict[str, str] | None = None):
+        self.spec, self.options = spec, dict(options or {})  # what a Dask worker opens the same store with
         self.parsed: ObjectUrl = parse_url(spec)
         self.url = self.parsed.url
         values = {key: objects.parse_option_value(value) for key, value in (options or {}).items()}
@@ -248,6 +249,11 @@ class ObjectStore:
             raise AssertionError(f"{self.url}: this store takes an upload's parts in order only; use upload()")
         return ObjectWriter(self, name, size_hint)
 
+    def attach(self, detached: dict) -> "ObjectWriter":
+        """An upload another process wrote and closed (ObjectWriter.detach(): a Dask worker sealed the
+        bin), back as a closed ObjectWriter, to commit() or abort() here."""
+        return ObjectWriter.attached(self, detached)
+
     def upload(self, name: str, pieces: Iterable[bytes], size: int, advance: Callable[[int], None] = lambda n: None) -> str:
         """Upload the `size` bytes `pieces` gives as object `name`, in parts of PART_SIZE bytes while
         they are generated; the object appears only once all of it is stored. Its URL."""
@@ -360,7 +366,7 @@ class ObjectWriter:
         self.next_number = 2  # the number the next full part takes
         self.in_flight: deque[tuple[int, concurrent.futures.Future]] = deque()
         self.tokens: dict[int, object] = {}  # part number -> what the complete names it by
-        self.state = "open"  # -> closed -> committed; failed; aborted
+        self.state = "open"  # -> closed -> committed (or detached, to commit elsewhere); failed; aborted
         self.error: PackerfsError | None = None
         self.lock = threading.Lock()  # abort() (the scan's thread) against write() (the layout's)
 
@@ -435,6 +441,32 @@ class ObjectWriter:
             raise error from None
         self.state = "committed"
         return self.url
+
+    def detach(self) -> dict:
+        """After close(): what commit() and abort() need, as plain values, for the process that commits
+        the bin (ObjectStore.attach there). This writer is done with."""
+        if self.error is not None:
+            raise self.error
+        if self.state != "closed":
+            raise AssertionError(f"{self.url}: detach() before close()")
+        self.state = "detached"
+        return {"name": self.object_name, "handle": self.handle, "tokens": dict(self.tokens)}
+
+    @classmethod
+    def attached(cls, store: ObjectStore, detached: dict) -> "ObjectWriter":
+        self = cls.__new__(cls)  # no new upload: this one exists, closed, in another process's name
+        self.store, self.backend = store, store.backend
+        self.object_name = detached["name"]
+        self.key = store.key(self.object_name)
+        self.handle = detached["handle"]
+        self.tokens = dict(detached["tokens"])
+        self.size = self.next_number = 0  # nothing more is written through it
+        self.first = self.buffer = bytearray()
+        self.in_flight = deque()
+        self.error = None
+        self.state = "closed"
+        self.lock = threading.Lock()
+        return self
 
     def abort(self) -> None:
         """Drop the upload (best effort, never retried for long): nothing appears under the name."""
