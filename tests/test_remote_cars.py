@@ -237,3 +237,16 @@ def test_a_part_over_1024_leaves_is_located_through_two_levels(tmp_path, monkeyp
         size = leaves * MiB + 4
         for offset in (0, 1023 * MiB + 5, 1024 * MiB - 3, 1030 * MiB + 7, size - 10):
             assert reader.read(b"big.bin", offset, 10) == content(offset, 10), offset
+
+
+def test_an_unreachable_store_is_one_line_without_pack_advice(s3_server, tmp_path):
+    """Reading CARs from a store that does not answer: one line naming the URL; nothing about sealed bins."""
+    from objstores import free_port
+
+    env = {**os.environ, **s3_server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "PACKERFS_RETRY_SECONDS": "1"}
+    result = packerfs("ls", "s3://cars/set", env=env, check=False, timeout=120)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("packerfs: error: s3://cars/set: cannot reach the server"), lines
+    assert "sealed bins" not in lines[0] and "Traceback" not in lines[0]

@@ -188,7 +188,9 @@ def parse_option_value(value: str):
         return value
 
 
-def open_object_source(spec: str, options: dict[str, str]) -> "ObjectSource":
+def open_object_source(spec: str, options: dict[str, str], *, rerun_note: str | None = None) -> "ObjectSource":
+    """An ObjectSource on `spec`, its bucket checked. `rerun_note` replaces the end of failure advice
+    (a pack's "(sealed bins are kept)")."""
     url = parse_url(spec)
     try:
         backend = _backend(url, {key: parse_option_value(value) for key, value in options.items()})
@@ -197,6 +199,8 @@ def open_object_source(spec: str, options: dict[str, str]) -> "ObjectSource":
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{url.url}: cannot set up the file system: {exc}") from None
     source = ObjectSource(url, backend)
+    if rerun_note is not None:
+        source.rerun_note = rerun_note
     try:
         source.call(backend.check, what="list the bucket")
     except BaseException:
@@ -232,6 +236,9 @@ class _Level:
 
 
 class ObjectSource(Source):
+    # ends the advice in a failure's message: a pack keeps what it sealed; a reader of CARs sets ""
+    rerun_note = " (sealed bins are kept)"
+
     def __init__(self, url: ObjectUrl, backend: Backend):
         self.parsed = url
         self.url = url.url
@@ -313,13 +320,13 @@ class ObjectSource(Source):
         if failure.kind == THROTTLED:
             return SourceUnavailable(
                 f"{where}: the server kept throttling ({failure.text}) for {RETRY_SECONDS:.0f} s "
-                f"({attempts} attempts); run again later (sealed bins are kept)",
+                f"({attempts} attempts); run again later{self.rerun_note}",
                 path=path,
             )
         if failure.kind == UNREACHABLE:
             return SourceUnavailable(
                 f"{where}: cannot reach the server ({failure.text}) for {RETRY_SECONDS:.0f} s; "
-                f"run again when it is back (sealed bins are kept)",
+                f"run again when it is back{self.rerun_note}",
                 path=path,
             )
         return SourceUnavailable(f"{where}: cannot {what}: {failure.text}", path=path)

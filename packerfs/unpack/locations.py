@@ -532,7 +532,7 @@ class CarLocations:
     def _add_bucket(self, spec: str, options: dict[str, str]) -> None:
         from packerfs.source.objects import open_object_source
 
-        source = open_object_source(spec, dict(options))
+        source = open_object_source(spec, dict(options), rerun_note="")  # reading CARs: nothing sealed to keep
         self._closers.append(source.close)
         self.counter.add(requests=1)  # the bucket check
         counter = self.counter
