@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 from packerfs.compress.table import FrameTable
 from packerfs.compress.zstd import CompressorMismatch, _read_exact, check_level, compress_frame, decompress_frame
+from packerfs.crypt.base import range_end
 from packerfs.errors import FormatError, UsageError
 
 __all__ = ["CompressedView", "PlaintextView"]
@@ -45,12 +46,6 @@ class _FrameCache:
             while len(self._frames) > self._limit:
                 self._frames.popitem(last=False)
         return data
-
-
-def _clip(offset: int, size: int, total: int) -> int:
-    if offset < 0 or size < 0:
-        raise ValueError("negative offset or size")
-    return min(offset + size, total)
 
 
 def _gather(table_frames, offset: int, end: int, start_of, get) -> bytes:
@@ -103,7 +98,7 @@ class CompressedView:
         return data
 
     def read(self, offset: int, size: int) -> bytes:
-        end = _clip(offset, size, self.size)
+        end = range_end(offset, size, self.size)
         if offset >= end:
             return b""
         t = self._table
@@ -140,7 +135,7 @@ class PlaintextView:
         return decompress_frame(data, f.plain_length, self._table.frame_size, f"{self._name}, frame {i} at offset {f.offset}")
 
     def read(self, offset: int, size: int) -> bytes:
-        end = _clip(offset, size, self.size)
+        end = range_end(offset, size, self.size)
         if offset >= end:
             return b""
         t = self._table

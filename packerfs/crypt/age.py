@@ -112,7 +112,7 @@ from packerfs.crypt.age_recipients import (
     read_recipients_file,
     rsa_oaep_sha256_encrypt,
 )
-from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt
+from packerfs.crypt.base import Cipher, Encryptor, RandomAccess, ReadAt, range_end
 from packerfs.errors import FormatError, KeyProblem, SourceChanged, UsageError
 from packerfs.ipld.cid import decode_uvarint, encode_uvarint
 
@@ -411,9 +411,7 @@ class AgeStream:
         return len(self._prefix) - NONCE_SIZE
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self._size)
+        end = range_end(offset, size, self._size)
         if offset >= end:
             return b""
         P = len(self._prefix)
@@ -668,9 +666,7 @@ class AgePlaintext:
         return length
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self._size)
+        end = range_end(offset, size, self._size)
         if offset >= end:
             return b""
         first = offset // CHUNK_SIZE

@@ -43,6 +43,14 @@ class RandomAccess(Protocol):
         ...
 
 
+def range_end(offset: int, size: int, total: int) -> int:
+    """Where a RandomAccess read of [offset, offset+size) ends, clipped to `total` (ValueError for a
+    negative offset or size); nothing is read when it is not past `offset`."""
+    if offset < 0 or size < 0:
+        raise ValueError("negative offset or size")
+    return min(offset + size, total)
+
+
 class Encryptor(ABC):
     """One sequential pass over a file's plaintext, producing its stream.
 

@@ -8,7 +8,7 @@ secret.
 
 from __future__ import annotations
 
-from packerfs.crypt.base import Cipher, Encryptor, ReadAt
+from packerfs.crypt.base import Cipher, Encryptor, ReadAt, range_end
 from packerfs.errors import FormatError, SourceChanged
 
 __all__ = ["PlainCipher", "PlainEncryptor", "PlainStream"]
@@ -52,9 +52,7 @@ class PlainStream:
         return self._size
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self._size)
+        end = range_end(offset, size, self._size)
         if offset >= end:
             return b""
         data = self._read_plain(offset, end - offset)

@@ -25,7 +25,7 @@ stream (a sibling blob) hides nothing, since the UnixFS node states the stream's
 
 from __future__ import annotations
 
-from packerfs.crypt.base import RandomAccess, ReadAt
+from packerfs.crypt.base import RandomAccess, ReadAt, range_end
 from packerfs.errors import SourceChanged
 
 __all__ = [
@@ -95,9 +95,7 @@ class Padding:
         return PAD_MAGIC.to_bytes(4, "little") + (n - MIN_PAD).to_bytes(4, "little")
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self._size)
+        end = range_end(offset, size, self._size)
         if offset >= end:
             return b""
         out = bytearray(end - offset)
@@ -124,9 +122,7 @@ class Padded:
         return self._n + self._pad.size
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self.size)
+        end = range_end(offset, size, self.size)
         if offset >= end:
             return b""
         head = self._content.read(offset, min(end, self._n) - offset) if offset < self._n else b""
@@ -175,9 +171,7 @@ class StoredFrame:
         return ((n << 3) | (1 if i == self._blocks - 1 else 0)).to_bytes(3, "little")
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self.size)
+        end = range_end(offset, size, self.size)
         if offset >= end:
             return b""
         h, step = STORED_HEADER_SIZE, BLOCK + _BLOCK_HEADER

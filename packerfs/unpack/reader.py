@@ -30,6 +30,7 @@ from typing import Iterator
 
 from packerfs.cache import LRU
 from packerfs.crypt import KeyRing, iter_plaintext, open_plaintext
+from packerfs.crypt.base import range_end
 from packerfs.errors import FormatError, IncompleteSet
 from packerfs.unpack.carset import CarSet
 from packerfs.unpack.dag import FileDag, FileNode, decode_file_node
@@ -50,9 +51,7 @@ class _StreamView:
         return self.fv.stream
 
     def read(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self.fv.stream)
+        end = range_end(offset, size, self.fv.stream)
         out = []
         pos = offset
         while pos < end:
