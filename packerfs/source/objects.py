@@ -123,6 +123,42 @@ CHANGED, MISSING, BUCKET_MISSING, DENIED, THROTTLED, UNREACHABLE, OTHER = (
 RETRIED = (THROTTLED, UNREACHABLE)
 
 
+def classify(backend: "Backend", exc: BaseException) -> Failure:
+    """What kind of failure a request's exception is (a timeout of ours, else the backend's words)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return Failure(UNREACHABLE, f"no answer in {REQUEST_TIMEOUT:.0f} s")
+    try:
+        return backend.classify(exc)
+    except Exception:
+        return Failure(OTHER, f"{type(exc).__name__}: {exc}")
+
+
+async def retrying(backend: "Backend", fn, args, *, what: str, where: Callable[[], str],
+                   error: Callable[[Failure, int], BaseException], limit=None):
+    """Await backend coroutine fn(*args), each attempt bounded by REQUEST_TIMEOUT, retrying throttling
+    and unreachable servers with backoff() for RETRY_SECONDS; any other failure, or the last, is raised
+    as error(failure, attempts): nothing of the SDK's escapes unworded. `limit`: an async semaphore."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    attempt = 0
+    while True:
+        try:
+            if limit is None:
+                return await asyncio.wait_for(fn(*args), REQUEST_TIMEOUT)
+            async with limit:
+                return await asyncio.wait_for(fn(*args), REQUEST_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = classify(backend, exc)
+            attempt += 1
+            if failure.kind in RETRIED and time.monotonic() < deadline:
+                delay = backoff(attempt)
+                log.info("%s: %s (%s); retrying in %.1f s", where(), what, failure.text, delay)
+                await asyncio.sleep(delay)
+                continue
+            raise error(failure, attempt) from None
+
+
 def _quiet_loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """What asyncio would print to stderr (a traceback: "Task exception was never retrieved", say, from
     an SDK's request task orphaned when its connection died) goes to the debug log instead: every
@@ -268,31 +304,10 @@ class ObjectSource(Source):
         return asyncio.run_coroutine_threadsafe(self._retrying(fn, args, what, key, offset), self.backend.loop)
 
     async def _retrying(self, fn, args, what: str, key: str | None, offset: int | None):
-        deadline = time.monotonic() + RETRY_SECONDS
-        attempt = 0
-        while True:
-            try:
-                async with self._requests:
-                    return await asyncio.wait_for(fn(*args), REQUEST_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # classified below: nothing of the SDK's escapes unworded
-                failure = self._classify(exc)
-                attempt += 1
-                if failure.kind in RETRIED and time.monotonic() < deadline:
-                    delay = backoff(attempt)
-                    log.info("%s: %s (%s); retrying in %.1f s", self._where(key, offset), what, failure.text, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                raise self._error(failure, what, key, offset, attempt) from None
-
-    def _classify(self, exc: BaseException) -> Failure:
-        if isinstance(exc, asyncio.TimeoutError):
-            return Failure(UNREACHABLE, f"no answer in {REQUEST_TIMEOUT:.0f} s")
-        try:
-            return self.backend.classify(exc)
-        except Exception:
-            return Failure(OTHER, f"{type(exc).__name__}: {exc}")
+        return await retrying(
+            self.backend, fn, args, what=what, where=lambda: self._where(key, offset), limit=self._requests,
+            error=lambda failure, attempts: self._error(failure, what, key, offset, attempts),
+        )
 
     def _where(self, key: str | None, offset: int | None) -> str:
         shown = f"{self.parsed.scheme}://{self.parsed.bucket}/{key}" if key is not None else self.url

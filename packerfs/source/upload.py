@@ -45,14 +45,13 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import deque
 from typing import Callable, Iterable
 
 from packerfs.errors import PackerfsError, UsageError
 from packerfs.source import objects
 from packerfs.source.objects import (
-    BUCKET_MISSING, CHANGED, DENIED, MISSING, RETRIED, THROTTLED, UNREACHABLE, Failure, ObjectUrl, parse_url,
+    BUCKET_MISSING, CHANGED, DENIED, MISSING, THROTTLED, UNREACHABLE, Failure, ObjectUrl, parse_url,
 )
 
 log = logging.getLogger("packerfs.upload")
@@ -124,30 +123,10 @@ class ObjectStore:
         return asyncio.run_coroutine_threadsafe(self._retrying(fn, args, what, key, part, offset), self.backend.loop)
 
     async def _retrying(self, fn, args, what: str, key, part, offset):
-        deadline = time.monotonic() + objects.RETRY_SECONDS
-        attempt = 0
-        while True:
-            try:
-                return await asyncio.wait_for(fn(*args), objects.REQUEST_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # classified below: nothing of the SDK's escapes unworded
-                failure = self._classify(exc)
-                attempt += 1
-                if failure.kind in RETRIED and time.monotonic() < deadline:
-                    delay = objects.backoff(attempt)
-                    log.info("%s: %s (%s); retrying in %.1f s", self._where(key, part, offset), what, failure.text, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                raise self._error(failure, what, key, part, offset, attempt) from None
-
-    def _classify(self, exc: BaseException) -> Failure:
-        if isinstance(exc, asyncio.TimeoutError):
-            return Failure(UNREACHABLE, f"no answer in {objects.REQUEST_TIMEOUT:.0f} s")
-        try:
-            return self.backend.classify(exc)
-        except Exception:
-            return Failure(objects.OTHER, f"{type(exc).__name__}: {exc}")
+        return await objects.retrying(
+            self.backend, fn, args, what=what, where=lambda: self._where(key, part, offset),
+            error=lambda failure, attempts: self._error(failure, what, key, part, offset, attempts),
+        )
 
     def _error(self, failure: Failure, what: str, key, part, offset, attempts: int) -> UploadError:
         where = self._where(key, part, offset)
@@ -232,7 +211,7 @@ class ObjectStore:
         try:
             future.result(ABORT_TIMEOUT + 1)
         except Exception as exc:  # best effort: the store drops or expires them itself
-            log.info("%s: could not abort the unfinished upload (%s)", self._where(key), self._classify(exc).text)
+            log.info("%s: could not abort the unfinished upload (%s)", self._where(key), objects.classify(self.backend, exc).text)
 
     # ---------------------------------------------------------------- writing
 
