@@ -28,7 +28,13 @@ An entry (a map) describes one directory, symlink or file part in this bin:
               remote reader finds the part's blocks without walking the CAR); absent in CARs
               written before the tail locator existed
   symlinks only:
-    target    the link target (bytes), and `cid` its UnixFS node, at section offset `at`
+    target    the link target (bytes), and `cid` its UnixFS node, at section offset `at` (neither
+              with hidden names, where the link is in this manifest only)
+
+With hidden names (--hide-names, packerfs/privacy) the manifest is stored encrypted for the pack's
+recipients as `.packerfs/manifest.cbor.age` (or `.gpg`), with the same content: each file part's
+`name` is then its opaque name in the bin's root directory, and no directory or symlink has a
+UnixFS node.
 
 Paths are bytes because POSIX names need not be UTF-8.
 The encoder streams: entries are encoded one by one as they are placed and
@@ -229,7 +235,8 @@ def _check_entry(raw, i: int) -> dict:
     if "at" in raw and not _int_in(raw["at"], 0, MAX_BIN_BYTES):
         raise bad(f"section offset {_num(raw['at'])} lies outside any bin")
     entry = dict(raw)
-    if kind in ("file", "symlink"):
+    # a symlink of a pack with hidden names has no UnixFS node: its target is in the sealed manifest only
+    if kind == "file" or (kind == "symlink" and "cid" in raw):
         cid = raw.get("cid")
         if not isinstance(cid, cbor.Link):
             raise bad("field 'cid' is missing or not a CID")

@@ -63,7 +63,7 @@ def run_demo(workdir: str | None = None, keep: bool = False) -> int:
         print("\n$ cat " + os.path.join(cars, "manifest.csv"))
         with open(os.path.join(cars, "manifest.csv")) as f:
             print(f.read(), end="")
-        _run(["verify", cars])
+        _run(["verify", cars, "--identity", key])  # the names are hidden: the manifests need the key too
         restored = os.path.join(base, "restored")
         _run(["unpack", cars, restored, "--identity", key])
         if not _report_same(source, restored):
@@ -74,7 +74,7 @@ def run_demo(workdir: str | None = None, keep: bool = False) -> int:
         for path in _changes(source):
             print(f"demo:   {path}")
         _run(["pack", source, cars, "--recipient", recipient, "--bin-size", "4MiB", "-t", state])
-        _run(["snapshots", cars])
+        _run(["snapshots", cars, "--identity", key])
         again = os.path.join(base, "restored-2")
         _run(["unpack", cars, again, "--identity", key])
         if not _report_same(source, again):

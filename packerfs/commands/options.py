@@ -68,7 +68,10 @@ def source_options(args: argparse.Namespace) -> dict[str, str]:
 def open_engine(args: argparse.Namespace):
     from packerfs.pack import Engine
 
-    return Engine.open(args.source, args.temp, cipher_from_args(args), bin_size_from_args(args), source_options(args))
+    return Engine.open(
+        args.source, args.temp, cipher_from_args(args), bin_size_from_args(args), source_options(args),
+        hide_names=getattr(args, "hide_names", None),
+    )
 
 
 def serving_engine(args: argparse.Namespace, *inside) -> tuple[str, str, object]:
@@ -130,6 +133,19 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home directory (default: gpg's own)")
     p.add_argument("--no-encryption", action="store_true", help="store files unencrypted")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument(
+        "--hide-names", dest="hide_names", action="store_true", default=None,
+        help="the default for encrypted packs: each CAR names its files only by opaque, fixed-length names "
+        "(32 hex digits + .age/.gpg) in one flat directory; paths, directories, symlinks, sizes, modes and "
+        "mtimes go into the encrypted manifest .packerfs/manifest.cbor.age (or .gpg). unpack, ls, verify and "
+        "mount --reverse then need the key (-i); the README shows a restore with stock tools",
+    )
+    names.add_argument(
+        "--show-names", dest="hide_names", action="store_false",
+        help="keep paths in clear in the CARs' UnixFS trees and manifests, so `ipfs-car unpack` alone restores "
+        "the tree (the only choice without encryption). A state keeps the choice it was made with",
+    )
     p.add_argument(
         "-t", "--temp", metavar="STATE",
         help="state directory (index and dataset key); default under ~/.cache/packerfs, keyed by SRC. "
@@ -268,6 +284,21 @@ def car_sources(args: argparse.Namespace, specs=None):
         tuple(p for p in pieces if "://" not in p),
         getattr(args, "pieces", None), getattr(args, "root", None),
     )
+
+
+def add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-i", "--identity", action="append", metavar="FILE",
+        help="age identity or OpenSSH private key (repeatable): decrypts the files, and opens the manifests "
+        "of CARs packed with hidden names",
+    )
+    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home with the secret key (default: gpg's own)")
+
+
+def keyring_from_args(args: argparse.Namespace):
+    from packerfs.crypt import KeyRing
+
+    return KeyRing(getattr(args, "identity", None) or (), getattr(args, "gpg_homedir", None))
 
 
 def add_carset_options(p: argparse.ArgumentParser) -> None:

@@ -7,16 +7,21 @@ import json
 import os
 import sys
 
-from packerfs.commands.options import CARS_HELP, EPILOG, add_car_location_options, add_carset_options
+from packerfs.commands.options import (
+    CARS_HELP, EPILOG, add_car_location_options, add_carset_options, add_key_options, keyring_from_args,
+)
 from packerfs.progress import progress
 
 
-def open_carset_from_args(args: argparse.Namespace):
+def open_carset_from_args(args: argparse.Namespace, keyring=None):
     from packerfs.unpack.snapshots import open_carset
 
     from packerfs.commands.options import car_sources
 
-    return open_carset(car_sources(args), dataset=args.dataset or None, snapshot=getattr(args, "snapshot", None))
+    return open_carset(
+        car_sources(args), dataset=args.dataset or None, snapshot=getattr(args, "snapshot", None),
+        keyring=keyring if keyring is not None else keyring_from_args(args),
+    )
 
 
 def print_fetched(carset) -> None:
@@ -41,13 +46,12 @@ def print_set_lines(carset, tree, out=None) -> bool:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    from packerfs.crypt import KeyRing
     from packerfs.errors import EXIT_INCOMPLETE
     from packerfs.unpack import restore
     from packerfs.unpack.verify import escape_name, set_lines
 
-    keyring = KeyRing(args.identity or (), args.gpg_homedir)
-    carset = open_carset_from_args(args)
+    keyring = keyring_from_args(args)
+    carset = open_carset_from_args(args, keyring)
     try:
         tree = carset.tree()
         total = sum(e.size for e in tree if e.kind == "file" and e.complete)
@@ -219,8 +223,7 @@ def register(commands) -> None:
     )
     p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("output", metavar="OUT")
-    p.add_argument("-i", "--identity", action="append", metavar="FILE", help="age identity or OpenSSH private key (repeatable)")
-    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home with the secret key (default: gpg's own)")
+    add_key_options(p)
     p.add_argument("--force", action="store_true", help="overwrite existing files in OUT")
     p.add_argument(
         "-p", "--same-permissions", action="store_true",
@@ -242,6 +245,7 @@ def register(commands) -> None:
     p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--manifest", metavar="CSV", help="manifest.csv to check piece CIDs against (default: CARS/manifest.csv)")
     p.add_argument("--json", action="store_true")
+    add_key_options(p)
     add_carset_options(p)
     p.set_defaults(func=cmd_verify)
 
@@ -253,6 +257,7 @@ def register(commands) -> None:
     )
     p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--json", action="store_true")
+    add_key_options(p)
     add_carset_options(p)
     p.set_defaults(func=cmd_ls)
 
@@ -268,5 +273,6 @@ def register(commands) -> None:
     p.add_argument("cars", metavar="CARS", nargs="+", help=CARS_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--dataset", metavar="HEX", help="use only the CARs of this data set (when several are mixed)")
+    add_key_options(p)
     add_car_location_options(p)
     p.set_defaults(func=cmd_snapshots)

@@ -235,6 +235,15 @@ def new_run_seed() -> bytes:
     return os.urandom(RUN_SEED_SIZE)
 
 
+def snapshot_seed(run_seed: bytes, snapshot_id: int) -> bytes:
+    """The seed of snapshot `snapshot_id`'s sealed body (--hide-names), in the run that drew `run_seed`:
+    fresh per run like file_seed's, and kept apart from every file's by its label. The body is
+    encrypted once, when it is sealed; its blocks are kept in the index, never regenerated."""
+    if len(run_seed) != RUN_SEED_SIZE:
+        raise ValueError(f"the run seed must be {RUN_SEED_SIZE} octets")
+    return hmac.new(run_seed, b"packerfs snapshot seed\0" + snapshot_id.to_bytes(8, "big"), hashlib.sha256).digest()
+
+
 def file_seed(run_seed: bytes, version: int) -> bytes:
     """The seed of file version `version` in the run that drew `run_seed`.
 

@@ -55,7 +55,7 @@ def open_generation(number: int, cars, store, keyring, dataset=None, snapshot=No
 
     started = time.monotonic()
     session = store.session()
-    carset = CarSet.open(cars, dataset=dataset, index=session)
+    carset = CarSet.open(cars, dataset=dataset, index=session, keyring=keyring)
     try:
         set_choice(carset, snapshot)
         if not carset.cars:
@@ -139,7 +139,10 @@ class GenerationReaders:
 
         from packerfs.unpack.carset import CarSources
 
-        carset = CarSet.open(CarSources.from_json(request["sources"]), dataset=request["dataset"], index=self.store.session())
+        carset = CarSet.open(
+            CarSources.from_json(request["sources"]), dataset=request["dataset"], index=self.store.session(),
+            keyring=self.keyring,
+        )
         try:
             set_choice(carset, request.get("snapshot"))
             if [car.path for car in carset.cars] != request["cars"]:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from packerfs.crypt import load_or_create_dataset_secret
 from packerfs.crypt.base import Cipher
+from packerfs.errors import UsageError
 from packerfs.index import Index
 from packerfs.pack.reader import BinReader
 from packerfs.pack.scan import Plan, Scan, ScanReport
@@ -50,12 +51,17 @@ class Engine:
     # they lie inside the source (see exclude()).
     excluded: set[bytes] = field(default_factory=set)
     source_options: dict | None = None  # the file-system options SRC was opened with (for Dask workers)
+    hide_names: bool = False  # --hide-names (packerfs.privacy): fixed for the state's life
 
     @classmethod
     def open(
-        cls, spec: str, state_dir: str | None, cipher: Cipher, bin_size: int, source_options: dict | None = None
+        cls, spec: str, state_dir: str | None, cipher: Cipher, bin_size: int, source_options: dict | None = None,
+        hide_names: bool | None = False,
     ) -> "Engine":
-        """SRC (a directory or an object-store URL, with its file-system options) and its state."""
+        """SRC (a directory or an object-store URL, with its file-system options) and its state.
+
+        `hide_names`: True or False, or None for the default: what the state was made with, and for a
+        new state, hidden for an encrypted pack. A state keeps its choice (IndexMismatch otherwise)."""
         source = open_source(spec, source_options)
         try:
             state_dir = os.path.abspath(state_dir or default_state_dir(spec))
@@ -66,15 +72,29 @@ class Engine:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         secret = load_or_create_dataset_secret(state_dir)
         index = Index(state_dir)
-        index.bind(
-            {
+        try:
+            if hide_names is None:
+                made = index.get_meta(b"identity")
+                hide_names = made.get("names") == "hidden" if made is not None else cipher.name != "plain"
+            identity = {
                 "source": source.url,
                 "bin_size": bin_size,
                 "cipher": cipher.name,
                 "recipients": sorted(cipher.recipients),
             }
-        )
-        return cls(source, state_dir, cipher, bin_size, index, secret, excluded, source_options)
+            if hide_names:  # absent for names in clear, as in states made before the option existed
+                if cipher.name == "plain":
+                    raise UsageError(
+                        "--hide-names needs encryption (-r, -R or --gpg-recipient): the real names go into an "
+                        "encrypted manifest"
+                    )
+                identity["names"] = "hidden"
+            index.bind(identity)
+        except BaseException:
+            index.close()
+            source.close()
+            raise
+        return cls(source, state_dir, cipher, bin_size, index, secret, excluded, source_options, hide_names)
 
     def exclude(self, *others) -> None:
         """Leave these directories (paths, or (what, path) pairs) out of the scan if they lie inside
@@ -116,7 +136,7 @@ class Engine:
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
             repack_below=repack_below, exclude=excluded, source_options=self.source_options, pool=pool,
-            pool_factory=pool_factory,
+            pool_factory=pool_factory, hide_names=self.hide_names,
         ).run()
 
     def plan(
@@ -128,7 +148,7 @@ class Engine:
         planner = Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, repack_below=repack_below, exclude=set(self.excluded),
-            dry=True, check_seams=False,
+            dry=True, check_seams=False, hide_names=self.hide_names,
         )
         if files:
             planner.plan_result.files_assigned = []

@@ -45,18 +45,19 @@ from typing import Callable, Collection, Iterator
 
 from packerfs import manifest, snapshot
 from packerfs.crypt.base import Cipher
-from packerfs.crypt.secrets import file_seed, new_run_seed
+from packerfs.crypt.secrets import file_seed, new_run_seed, snapshot_seed
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
 from packerfs.index.store import DIGESTS_PER_CHUNK, Index
 from packerfs.ipld.unixfs import CHUNK_SIZE, symlink_block
 from packerfs.pack.seal import (
-    NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, file_manifest_bound, name_in_car, part_name,
+    NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, file_manifest_bound, name_in_car, part_name_length,
     part_suffix,
 )
 from packerfs.pack.writer import CarOutput, DirectoryOutput
 from packerfs.piece import padded_size
 from packerfs.plan import costs
 from packerfs.plan.planner import PlanBin, sync_frames
+from packerfs.privacy.sealed_manifest import ManifestSealer
 from packerfs.source.base import Source
 from packerfs.source.walk import DIR, FILE, SYMLINK, Entry, ScanProblem
 
@@ -215,6 +216,7 @@ class Scan:
         pool_factory: Callable | None = None,
         dry: bool = False,
         check_seams: bool = True,
+        hide_names: bool = False,
     ):
         """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source):
         a directory, or a packerfs.pack.writer.CarOutput (StoreOutput: uploaded to a bucket). The CAR
@@ -232,6 +234,8 @@ class Scan:
         `dry`: plan only (see plan()); `check_seams`: when planning, read the last sealed leaf of a
         file an interrupted scan left half placed, to see whether it can be continued (False: assume
         so, and read nothing).
+        `hide_names`: parts get opaque names in their bin's root, directories and symlinks are in the
+        sealed manifest only (packerfs.privacy).
         """
         self.car_output: CarOutput | None = (
             DirectoryOutput(car_dir) if isinstance(car_dir, (str, os.PathLike)) else car_dir
@@ -251,6 +255,8 @@ class Scan:
         self.pool_factory = pool_factory
         self.dry = dry
         self.check_seams = check_seams
+        self.hide_names = hide_names
+        self.sealing = ManifestSealer(cipher, secret) if hide_names else None
         self.dataset = index.dataset
         self.recipients = list(cipher.recipients)
         self.bin: PlanBin | None = None  # the bin being planned
@@ -276,7 +282,7 @@ class Scan:
         self.vacate = self._bins_to_vacate(repack_below) if repack_below is not None else set()
         self.tree: _TreeSpill | None = None
         self.ctx = SealContext(
-            source.url, source_options, cipher, secret, new_run_seed(), self.dataset, bin_size
+            source.url, source_options, cipher, secret, new_run_seed(), self.dataset, bin_size, hide_names
         )
 
     # ================================================================ driver
@@ -285,7 +291,7 @@ class Scan:
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=self.skip_unreadable, repack_below=self.repack_below, exclude=self.exclude,
-            dry=True, check_seams=self.check_seams,
+            dry=True, check_seams=self.check_seams, hide_names=self.hide_names,
         )
 
     def plan(self, *, keep: bool = False) -> Plan:
@@ -435,7 +441,7 @@ class Scan:
         """Open the next bin. Its sealer runs in this process unless a pool seals it (`here`: always here)."""
         number = self.next_bin
         self.next_bin += 1
-        self.bin = PlanBin(number, self.bin_size, self.recipients, self.cipher.name)
+        self.bin = PlanBin(number, self.bin_size, self.recipients, self.cipher.name, self.sealing)
         if self.dry:
             return
         work = self.work = BinWork(number)
@@ -514,7 +520,7 @@ class Scan:
         )
 
     def _fresh_bin(self) -> PlanBin:
-        return PlanBin(0, self.bin_size, self.recipients, self.cipher.name)
+        return PlanBin(0, self.bin_size, self.recipients, self.cipher.name, self.sealing)
 
     def _seal(self) -> None:
         """The bin being planned is complete: seal it here, or hand it to the pool."""
@@ -685,10 +691,13 @@ class Scan:
             bound = manifest.entry_bound("dir", entry.path)
 
             def cost(plan_bin: PlanBin) -> int:
+                if self.hide_names:
+                    return plan_bin.budget.manifest_entry_cost(bound)
                 return plan_bin.budget.entry_cost(len(entry.name), bound, costs.DIR_NODE_FIXED)
 
             self._ensure_room(cost, entry.path)
-            self.bin.open_frame(entry.path, entry.name)
+            if not self.hide_names:
+                self.bin.open_frame(entry.path, entry.name)
             self.bin.add_manifest_entry(None, bound)
             self.bin.opened_dirs.add(entry.path)
             self._op(("dir", entry))
@@ -703,10 +712,15 @@ class Scan:
         bound = manifest.entry_bound("symlink", entry.path, target=entry.target)
 
         def cost(plan_bin: PlanBin) -> int:
+            if self.hide_names:  # no block: its target is in the sealed manifest
+                return plan_bin.budget.manifest_entry_cost(bound)
             return plan_bin.budget.entry_cost(len(entry.name), bound, costs.section_length(block_length))
 
         self._ensure_room(cost, entry.path)
-        self.bin.add_stored(entry.path, len(entry.name), block_length)
+        if self.hide_names:
+            self.bin.placed(entry.path)
+        else:
+            self.bin.add_stored(entry.path, len(entry.name), block_length)
         self.bin.add_manifest_entry(None, bound)
         self._op(("symlink", entry))
         version, record = self._new_record(entry)
@@ -759,7 +773,7 @@ class Scan:
             # The source changed since those parts were sealed: the file starts over as a new version.
             self._note(self.report.changed_paths, "changed", entry.path)
         stream_size = self.cipher.stream_size(entry.size)
-        bounds = file_manifest_bound(entry, self.cipher)
+        bounds = file_manifest_bound(entry, self.cipher, self.hide_names)
         seal_first, parts = self._parts(entry, stream_size, bounds)
         if self.bin is None:
             self._new_bin()
@@ -802,7 +816,7 @@ class Scan:
         self._sync(self.ancestors)
         record["bins"] = [b for b in record["bins"] if self.index.bin(b) is not None]
         self.plan_result.files_placed += 1
-        self._lay_out(entry, version, record, record["params"], sealed, file_manifest_bound(entry, self.cipher)[1])
+        self._lay_out(entry, version, record, record["params"], sealed, file_manifest_bound(entry, self.cipher, self.hide_names)[1])
 
     def _last_leaf_matches(self, entry: Entry, version: int, record: dict, sealed: int) -> bool:
         """Does the source still produce the last sealed leaf (one leaf of reading and encryption)?"""
@@ -837,8 +851,8 @@ class Scan:
             leaves = parts[part]
             end = part_start + leaves
             last = part + 1 == len(parts)
-            name = part_name(entry, self.cipher, part, len(parts))
-            self.bin.add_part(entry.path, len(name), min(stream_size, end * CHUNK_SIZE) - part_start * CHUNK_SIZE)
+            name_length = part_name_length(entry, self.cipher, part, len(parts), self.hide_names)
+            self.bin.add_part(entry.path, name_length, min(stream_size, end * CHUNK_SIZE) - part_start * CHUNK_SIZE)
             self.bin.add_manifest_entry(None, bound)
             if part_start and params is None and self.cipher.parts_need_previous:
                 # it needs the stream's state at the seam from the previous bin (planning sees params
@@ -1034,9 +1048,13 @@ class Scan:
         parts_bound = 2 + (len(header) + entries_size + 10 * len(live)) // CHUNK_SIZE
         widest_bins = sorted(live) + [2**32 - 1] * parts_bound
         trailer_size = len(_padded_trailer(totals, widest_bins, [2**32 - 1] * parts_bound, 0))
-        size = len(header) + entries_size + trailer_size
+        plain_size = len(header) + entries_size + trailer_size
+        # With hidden names the body is stored as one encrypted stream (the listing is the tree's names),
+        # cut into parts like the clear one; `size` is then the stream's.
+        size = self.cipher.stream_size(plain_size) if self.hide_names else plain_size
+        stored_name = snapshot.NAME + (self.cipher.suffix.encode() if self.hide_names else b"")
         extra = snapshot.descriptor_bound()
-        widest_name = snapshot.NAME + b"x" * PART_SUFFIX_MAX
+        widest_name = stored_name + b"x" * PART_SUFFIX_MAX
         if self.bin is None:
             self._new_bin(here=True)
         room = self.bin.budget.max_meta_bytes(widest_name, size, extra)
@@ -1059,18 +1077,23 @@ class Scan:
             for part, (number, length) in enumerate(plan, 1):
                 if self.bin is None:
                     self._new_bin()
-                self.bin.add_meta_file(snapshot.NAME + part_suffix(part, len(plan)), length, extra)
+                self.bin.add_meta_file(stored_name + part_suffix(part, len(plan)), length, extra)
                 self._seal()
             return set(snapshot_bins)
         trailer = _padded_trailer(totals, sorted(live | set(snapshot_bins)), snapshot_bins, trailer_size)
-        body = _SnapshotBody(header, trailer, size, tree.pieces())
+        pieces = itertools.chain([header], tree.pieces(), [trailer])
+        if self.hide_names:
+            # a seed from this run's fresh run seed: the stream is sealed once, its blocks kept in the index
+            encryptor = self.cipher.new_file(plain_size, self.secret, seed=snapshot_seed(self.ctx.run_seed, snapshot_id))
+            pieces = _encrypted(encryptor, pieces)
+        body = _SnapshotBody(size, pieces)
         offset = 0
         for part, (number, length) in enumerate(plan, 1):
             if self.bin is None:
                 self._new_bin(here=True)
             if self.bin.number != number:
                 raise AssertionError(f"snapshot part {part} planned for bin {number}, laid out in {self.bin.number}")
-            name = snapshot.NAME + part_suffix(part, len(plan))
+            name = stored_name + part_suffix(part, len(plan))
             self.bin.add_meta_file(name, length, extra)
 
             def describe(cid: bytes, part=part, offset=offset, length=length) -> dict:
@@ -1117,10 +1140,11 @@ def _plan_row(plan_bin: PlanBin) -> dict:
 
 
 class _SnapshotBody:
-    """The snapshot's bytes (header, the spilled entries, trailer), handed out part by part."""
+    """The snapshot's stored bytes (header, the spilled entries, trailer; encrypted with hidden names),
+    handed out part by part."""
 
-    def __init__(self, header: bytes, trailer: bytes, size: int, entries: Iterator[bytes]):
-        self.pieces = itertools.chain([header], entries, [trailer])
+    def __init__(self, size: int, pieces: Iterator[bytes]):
+        self.pieces = pieces
         self.buffer = bytearray()
         self.size = size
         self.handed = 0
@@ -1142,6 +1166,12 @@ class _SnapshotBody:
         rest = b"".join(self.pieces) + bytes(self.buffer)
         if rest or self.handed != self.size:
             raise AssertionError("the snapshot's size changed while it was written")
+
+
+def _encrypted(encryptor, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    for piece in pieces:
+        yield encryptor.update(piece)
+    yield encryptor.finish()
 
 
 def _padded_trailer(totals: dict, bins: list[int], snapshot_bins: list[int], size: int) -> bytes:

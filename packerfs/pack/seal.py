@@ -39,6 +39,8 @@ from packerfs.ipld.cid import RAW, cid_from_digest
 from packerfs.ipld.unixfs import CHUNK_SIZE, FileBuilder, Node, symlink_block
 from packerfs.plan.layout import BinLayout
 from packerfs.plan.planner import add_dir_entry, manifest_base, sync_frames
+from packerfs.privacy.names import hidden_name, hidden_name_length, names_key
+from packerfs.privacy.sealed_manifest import ManifestSealer
 from packerfs.source.base import Source
 from packerfs.source.walk import FILE
 
@@ -75,12 +77,23 @@ def part_suffix(part: int, parts: int) -> bytes:
 
 
 def part_name(entry, cipher: Cipher, part: int, parts: int) -> bytes:
-    """The name part `part` (0-based) of `parts` of a file takes in its bin."""
+    """The name part `part` (0-based) of `parts` of a file takes in its bin (names in clear)."""
     return name_in_car(entry.name, cipher.suffix.encode() + part_suffix(part + 1, parts))
 
 
-def file_manifest_bound(entry, cipher: Cipher) -> tuple[int, int]:
-    """(bound on a part's link name, bound on its manifest entry): what the plan reserves for a part."""
+def part_name_length(entry, cipher: Cipher, part: int, parts: int, hidden: bool) -> int:
+    if hidden:
+        return hidden_name_length(cipher.suffix)
+    return len(part_name(entry, cipher, part, parts))
+
+
+def file_manifest_bound(entry, cipher: Cipher, hidden: bool = False) -> tuple[int, int]:
+    """(bound on a part's link name, bound on its manifest entry): what the plan reserves for a part.
+
+    `hidden`: the part is linked from the bin's root under its hidden name (privacy.names)."""
+    if hidden:
+        name_bound = hidden_name_length(cipher.suffix)
+        return name_bound, manifest.entry_bound("file", entry.path, b"\0" * name_bound)
     name_bound = min(NAME_MAX, len(entry.name) + len(cipher.suffix) + PART_SUFFIX_MAX)
     parent = entry.path[: -len(entry.name)]
     return name_bound, manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound))
@@ -98,6 +111,10 @@ class SealContext:
     run_seed: bytes
     dataset: bytes
     bin_size: int
+    hide_names: bool = False  # --hide-names: opaque part names, no directories, the manifest sealed
+
+    def sealing(self) -> "ManifestSealer | None":
+        return ManifestSealer(self.cipher, self.secret) if self.hide_names else None
 
 
 @dataclass
@@ -140,7 +157,10 @@ class BinSealer:
         self.seams = seams or {}
         self.carry_in = carry
         self.carry_out: Carry | None = None
-        self.layout = BinLayout(number, ctx.bin_size, ctx.dataset, ctx.cipher.name, ctx.cipher.recipients, car_sink)
+        self.layout = BinLayout(
+            number, ctx.bin_size, ctx.dataset, ctx.cipher.name, ctx.cipher.recipients, car_sink, sealing=ctx.sealing()
+        )
+        self.names_key = names_key(ctx.secret) if ctx.hide_names else None
         root = self.layout.open_frame(b"", b"")
         self.layout.budget.add_link(root, len(manifest.DIRNAME))
 
@@ -156,7 +176,8 @@ class BinSealer:
             sync_frames(self.layout, op[1])
         elif kind == "dir":
             entry = op[1]
-            self.layout.open_frame(entry.path, entry.name)
+            if not self.layout.hidden:
+                self.layout.open_frame(entry.path, entry.name)
             add_dir_entry(self.layout, entry)
         elif kind == "symlink":
             self._symlink(op[1])
@@ -192,13 +213,20 @@ class BinSealer:
 
     def _symlink(self, entry) -> None:
         layout = self.layout
+        bound = manifest.entry_bound("symlink", entry.path, target=entry.target)
+        if layout.hidden:  # its target lives in the sealed manifest only
+            meta = manifest_base(entry)
+            meta.update(target=entry.target)
+            layout.add_manifest_entry(meta, bound)
+            layout.is_empty = False
+            return
         block = symlink_block(entry.target)
         layout.emit_stored(block.cid, block.data)
         at = layout.last_section
         layout.add_entry(entry.name, block.cid, len(block.data))
         meta = manifest_base(entry)
         meta.update(target=entry.target, cid=block.cid, at=at)
-        layout.add_manifest_entry(meta, manifest.entry_bound("symlink", entry.path, target=entry.target))
+        layout.add_manifest_entry(meta, bound)
 
     def _encryptor(self, entry, version: int, first_leaf: int, params: bytes | None):
         """-> (encryptor, plaintext offset to read from) for a part starting at leaf `first_leaf`."""
@@ -293,16 +321,20 @@ class BinSealer:
         tail, root = builder.finish()
         for block in tail:
             layout.emit_file_node(block, version, leaf_index)
-        name = part_name(entry, cipher, part, parts)
+        if self.names_key is not None:
+            name = path_in_bin = hidden_name(self.names_key, version, part, cipher.suffix)
+        else:
+            name = part_name(entry, cipher, part, parts)
+            path_in_bin = entry.path[: -len(entry.name)] + name
         layout.add_entry(name, root.cid, root.tsize)
         meta = manifest_base(entry)
         offset = first_leaf * CHUNK_SIZE
         meta.update(
-            name=entry.path[: -len(entry.name)] + name, version=version, size=entry.size, stream=stream_size,
+            name=path_in_bin, version=version, size=entry.size, stream=stream_size,
             part=part + 1, parts=parts, offset=offset,
             length=min(stream_size, end * CHUNK_SIZE) - offset, cid=root.cid, at=layout.last_section,
         )
-        layout.add_manifest_entry(meta, file_manifest_bound(entry, cipher)[1])
+        layout.add_manifest_entry(meta, file_manifest_bound(entry, cipher, layout.hidden)[1])
         self.results.add_params(version, carry.encryptor.params())
         self.flush_segments()
         if last:

@@ -55,14 +55,16 @@ class Frame:
         return costs.directory_bound(self.links_bytes, self.count)
 
 
-_MANIFEST_FIXED = costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest.NAME)
-
-
 class Budget:
-    """Upper bound of a bin's final size, kept as things are added."""
+    """Upper bound of a bin's final size, kept as things are added.
 
-    def __init__(self, capacity: int, manifest_fixed: int):
+    `sealing` (a packerfs.privacy.sealed_manifest.ManifestSealer, with --hide-names): the manifest
+    is stored as an encrypted stream, whose size (and name) the bound takes instead."""
+
+    def __init__(self, capacity: int, manifest_fixed: int, sealing=None):
         self.capacity = capacity
+        self._manifest_stream = sealing.stream_size if sealing is not None else (lambda n: n)
+        self._manifest_link = costs.DIR_NODE_FIXED + costs.dir_link_bound(manifest_file_name(sealing))
         self.emitted = HEADER_LEN  # exact bytes already laid out
         self.manifest_bytes = manifest_fixed  # bound on the manifest's encoding
         self.reserved = 0  # links in the .packerfs node besides the manifest's
@@ -79,7 +81,7 @@ class Budget:
         if m == cached[2]:
             self._overheads = (m, cached[3], cached[0], cached[1])
             return cached[3]
-        value = costs.file_bound(m) + _MANIFEST_FIXED
+        value = costs.file_bound(self._manifest_stream(m)) + self._manifest_link
         self._overheads = (m, value, cached[0], cached[1])
         return value
 
@@ -100,6 +102,10 @@ class Budget:
         current = self.manifest_overhead()
         manifest_delta = self.manifest_overhead(self.manifest_bytes + manifest_entry) - current
         return dir_delta + manifest_delta + content
+
+    def manifest_entry_cost(self, manifest_entry: int) -> int:
+        """Bytes one more manifest entry (and nothing in the UnixFS tree) adds to the bound."""
+        return self.manifest_overhead(self.manifest_bytes + manifest_entry) - self.manifest_overhead()
 
     def open_frame(self, path: bytes, name: bytes) -> Frame:
         """A directory opened inside the top one: its link is reserved in the parent now."""
@@ -137,6 +143,11 @@ class Budget:
         return _most(costs.leaf_count(stream_left), fits)
 
 
+def manifest_file_name(sealing=None) -> bytes:
+    """`manifest.cbor`, or with --hide-names the sealed `manifest.cbor.age` / `.gpg`."""
+    return manifest.NAME + (sealing.suffix.encode() if sealing is not None else b"")
+
+
 def _most(limit: int, fits) -> int:
     """The largest n in 0..limit with fits(n), for a fits() that holds up to some n and fails after."""
     lo, hi = 0, limit
@@ -162,18 +173,23 @@ class BinLayout:
         sink=None,
         *,
         hashing: bool = True,
+        sealing=None,
     ):
         """`sink`, if given, receives the CAR bytes as they are laid out (write, pwrite, close, name).
 
         hashing=False makes a layout for planning only: it keeps the budget and
         emits nothing (no commP, no threads).
+        `sealing` (--hide-names): a ManifestSealer; the manifest is stored encrypted, and the
+        directories of the source are not laid out (they live in the manifest only).
         """
         self.number = number
         self.sink = sink
         self.dataset = dataset
         self.cipher_name = cipher_name
         self.recipients = recipients
-        self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
+        self.sealing = sealing
+        self.hidden = sealing is not None
+        self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name), sealing)
         # commP and the file sink each consume the byte stream on their own thread.
         self.commp = CommP() if hashing else None
         self.outputs = []
@@ -372,6 +388,8 @@ class BinLayout:
             self.dataset, self.number, self.cipher_name, self.recipients, self.manifest_entries, self.manifest_count,
             snapshot=self.snapshot,
         )
+        if self.sealing is not None:
+            data = self.sealing.seal(self.number, data)
         meta_start = self.offset
         builder = FileBuilder()
         for offset in range(0, max(len(data), 1), CHUNK_SIZE):
@@ -384,7 +402,7 @@ class BinLayout:
         for block in tail:
             self.emit_stored(block.cid, block.data)
         blocks, meta_dir = directory_blocks(
-            [Entry(manifest.NAME, manifest_root.cid, manifest_root.tsize), *self.meta_entries]
+            [Entry(manifest_file_name(self.sealing), manifest_root.cid, manifest_root.tsize), *self.meta_entries]
         )
         for block in blocks:
             self.emit_stored(block.cid, block.data)

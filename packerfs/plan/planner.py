@@ -23,9 +23,11 @@ from packerfs.plan.layout import Budget, Frame
 class PlanBin:
     """One bin being planned: its budget, its open directories, and what it will hold."""
 
-    def __init__(self, number: int, capacity: int, recipients: list[str], cipher_name: str):
+    def __init__(self, number: int, capacity: int, recipients: list[str], cipher_name: str, sealing=None):
+        """`sealing` (--hide-names): the ManifestSealer the bin's layout will seal its manifest with."""
         self.number = number
-        self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name))
+        self.hidden = sealing is not None
+        self.budget = Budget(capacity, manifest.manifest_fixed_bound(recipients, cipher_name), sealing)
         self.opened_dirs: set[bytes] = set()
         self.is_empty = True
         # its first part continues a stream cut in the previous bin from that bin's state at the seam
@@ -91,8 +93,17 @@ def sync_frames(layout, chain: list) -> bool:
     """Make the layout's open directories exactly `chain` (directory Entries, root first).
 
     One function for the planner (a PlanBin) and the sealer (a BinLayout), so both open and
-    close the same directories at the same points. True if anything changed."""
+    close the same directories at the same points. True if anything changed.
+
+    With hidden names no directory is laid out: every part is linked from the bin's root, and the
+    chain's directories only get their manifest entries (once per bin), as they would on opening."""
     changed = False
+    if layout.hidden:
+        for dir_entry in chain:
+            if dir_entry.path not in layout.opened_dirs:
+                add_dir_entry(layout, dir_entry)
+                changed = True
+        return changed
     keep = 0
     frames = layout.frames
     # frames[0] is the root, matched by chain[0] (the root entry, path b"")

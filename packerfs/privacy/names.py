@@ -5,15 +5,17 @@
     key  = names_key(dataset secret)
          = HKDF-SHA256(ikm=dataset secret (STATE_DIR/dataset.key), salt="", info="packerfs/names/v1 HMAC-SHA256", 32)
     d    = HMAC-SHA256(key, "packerfs/hidden-name/v1\\0" || u64be(version) || u32be(part))
-    name = hex(d[0]) "/" hex(d[1:16]) suffix            e.g. 8c/3f0a…e1.age  (33 octets + suffix)
+    name = hex(d[0:16]) suffix                           e.g. 8c3f0a…e1.age  (32 octets + suffix)
 
-Every name has the same shape: one of 256 bucket directories (the first octet of
-`d`, so buckets fill uniformly whatever the tree looks like), then 30 hex digits,
-then the stream's suffix (`.age`, `.zst.age`, `.gpg`). Depth and fan-out of the
-source tree are gone: every part of every file sits two levels down, and the
-bucket a part lands in is a pseudorandom function of the secret.
+Every name has the same shape: 32 hex digits, then the stream's suffix (`.age`,
+`.zst.age`, `.gpg`), and every part sits directly in its bin's root directory
+(a HAMT once it is large, which `ipfs-car` reads like any directory). Depth and
+fan-out of the source tree are gone: all a CAR shows is how many parts it holds,
+which its size shows anyway. (Buckets were weighed: 256 subdirectories would keep
+stock unpacks of huge bins out of one directory, but they cost the planner 256
+open directories per bin, and a HAMT already splits the directory's blocks.)
 
-Length. 128 bits of `d` are used (8 in the bucket, 120 in the leaf). For n names
+Length. 128 bits of `d` are used. For n names
 the chance that any two collide is about n^2 / 2^129: 1.5e-21 for 10^9 names,
 2^-49 for 2^40. A collision is a correctness problem (two links with one name in
 a bucket; a stock `ipfs-car unpack` of all CARs into one directory would overwrite
@@ -60,12 +62,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from packerfs.crypt.secrets import SECRET_SIZE
 
-__all__ = ["KEY_SIZE", "NAME_LEN", "BUCKETS", "names_key", "hidden_name", "bucket_of"]
+__all__ = ["KEY_SIZE", "NAME_LEN", "names_key", "hidden_name", "hidden_name_length"]
 
 KEY_SIZE = 32
-BUCKETS = 256
-_DIGEST_OCTETS = 16  # 128 bits: 1 octet of bucket, 15 of leaf
-NAME_LEN = 2 + 1 + 2 * (_DIGEST_OCTETS - 1)  # 33: "xx/" and 30 hex digits, before the suffix
+_DIGEST_OCTETS = 16  # 128 bits
+NAME_LEN = 2 * _DIGEST_OCTETS  # 32 hex digits, before the suffix
 SUFFIX_MAX = 32
 _KEY_INFO = b"packerfs/names/v1 HMAC-SHA256"
 _DOMAIN = b"packerfs/hidden-name/v1\x00"
@@ -80,7 +81,7 @@ def names_key(dataset_secret: bytes) -> bytes:
 
 
 def hidden_name(key: bytes, version: int, part: int, suffix: str) -> bytes:
-    """The relative path `xx/<30 hex>` + suffix of part `part` (0-based) of file version `version`.
+    """The name `<32 hex>` + suffix of part `part` (0-based) of file version `version`.
 
     Always NAME_LEN + len(suffix) octets; `suffix` is the stream's suffix (lower-case
     ASCII dot-words such as ".age" or ".zst.age", at most 32 octets, or "")."""
@@ -93,9 +94,9 @@ def hidden_name(key: bytes, version: int, part: int, suffix: str) -> bytes:
     if len(suffix) > SUFFIX_MAX or not _SUFFIX_RE.fullmatch(suffix):
         raise ValueError(f"not a stream suffix: {suffix!r}")
     d = hmac.new(key, _DOMAIN + version.to_bytes(8, "big") + part.to_bytes(4, "big"), hashlib.sha256).digest()
-    return b"%02x/" % d[0] + d[1:_DIGEST_OCTETS].hex().encode("ascii") + suffix.encode("ascii")
+    return d[:_DIGEST_OCTETS].hex().encode("ascii") + suffix.encode("ascii")
 
 
-def bucket_of(name: bytes) -> int:
-    """The bucket (0..255) of a name made by hidden_name()."""
-    return int(name[:2], 16)
+def hidden_name_length(suffix: str) -> int:
+    """The length of every hidden name with this suffix: what the planner reserves for one."""
+    return NAME_LEN + len(suffix)

@@ -45,7 +45,7 @@ from packerfs.crypt.base import Cipher
 from packerfs.crypt.secrets import SECRET_SIZE
 from packerfs.errors import FormatError, UsageError
 
-__all__ = ["MANIFEST_NAME", "sealed_name", "manifest_seed", "seal_manifest", "open_manifest"]
+__all__ = ["MANIFEST_NAME", "ManifestSealer", "sealed_name", "manifest_seed", "seal_manifest", "open_manifest"]
 
 MANIFEST_NAME = ".packerfs/manifest.cbor"
 _SEED_KEY_INFO = b"packerfs/sealed-manifest/v1 seed key"
@@ -123,3 +123,23 @@ def open_manifest(keyring: KeyRing, cipher_name: str, data: bytes, name: str | N
         raise FormatError(f"a sealed manifest must be encrypted (age or openpgp), not {cipher_name!r}", path=name)
     plain = open_plaintext(_Bytes(data), keyring, cipher_name, name=name)
     return b"".join(iter_plaintext(plain))
+
+
+class ManifestSealer:
+    """What a bin layout needs to store its manifest sealed (--hide-names): the sealed stream's size
+    for the budget, its suffix for the name, and the sealing itself. It travels to Dask workers with
+    the bin (the dataset secret inside it is never written there)."""
+
+    def __init__(self, cipher: Cipher, secret: bytes):
+        if cipher.name not in _ENCRYPTING:
+            raise UsageError("--hide-names needs encryption (-r, -R or --gpg-recipient): the real names go into "
+                             "an encrypted manifest")
+        self.cipher = cipher
+        self.secret = secret
+        self.suffix = cipher.suffix
+
+    def stream_size(self, length: int) -> int:
+        return self.cipher.stream_size(length)
+
+    def seal(self, bin_number: int, data: bytes, kind: str = "manifest") -> bytes:
+        return seal_manifest(self.cipher, self.secret, bin_number, data, kind)

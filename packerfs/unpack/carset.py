@@ -37,7 +37,7 @@ from typing import NamedTuple, Protocol, Sequence
 
 from packerfs import locator
 from packerfs import manifest as manifest_format
-from packerfs.errors import FormatError, PackerfsError, TruncatedInput, UsageError
+from packerfs.errors import FormatError, KeyProblem, PackerfsError, TruncatedInput, UsageError
 from packerfs.ipld import cbor
 from packerfs.ipld.car import CarReader, Section, section_length
 from packerfs.ipld.cid import (
@@ -153,11 +153,21 @@ class Car:
     foreign: bool = False  # no packerfs manifest: read as plain UnixFS (bin 0, no entries)
     not_packerfs: str = ""  # a foreign CAR: why it is none of packerfs's (a problem line, with an offset)
     snapshot_at: int = 0  # not located: section offset of its snapshot part's root block (0: none)
+    # packed with hidden names: the cipher its manifest (and snapshot) is sealed with ("": in clear)
+    sealed: str = ""
     obj: object = field(default=None, repr=False, compare=False)  # its locations.CarObject
 
     @property
     def name(self) -> str:
         return self.obj.name if self.obj is not None else os.path.basename(self.path)
+
+
+SEALED_MANIFESTS = ((b".age", "age"), (b".gpg", "openpgp"))
+SEALED_SUFFIX = {"age": ".age", "openpgp": ".gpg"}
+
+
+class SealedWithoutKey(UsageError):
+    """A CAR's manifest is sealed (hidden names) and no key was given to open it."""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -329,6 +339,7 @@ class CarSet:
     foreign: bool = False
     root: bytes | None = None  # --root: the root of a foreign set's tree
     locations: object = None
+    keyring: object = None  # a crypt.KeyRing: opens sealed manifests and snapshots (hidden names)
 
     def __post_init__(self) -> None:
         self.by_bin: dict[int, Car] = {}
@@ -351,6 +362,7 @@ class CarSet:
         *,
         dataset: bytes | str | None = None,
         index: BlockIndex | None = None,
+        keyring=None,
     ) -> "CarSet":
         """Index CARs (a CarSources, or directories and files): directories (every *.car in each),
         files, object-store prefixes (s3://, gs://, az://) and HTTP piece gateways (with pieces or a
@@ -358,6 +370,9 @@ class CarSet:
 
         With CARs of several data sets present, `dataset` (16 bytes, or hex) chooses one; without it
         that is a UsageError listing them.
+
+        `keyring` (a crypt.KeyRing) opens sealed manifests (CARs packed with hidden names); without
+        one, the default gpg home is tried, and an age set needs one (KeyProblem naming -i).
         """
         from packerfs.unpack.locations import open_locations
 
@@ -368,6 +383,7 @@ class CarSet:
         )
         self = cls(index=index if index is not None else MemoryBlockIndex(), locations=locations)
         self.sources = where
+        self.keyring = keyring
         try:
             self._open(locations, wanted, where.root)
         except BaseException:
@@ -393,6 +409,8 @@ class CarSet:
             try:
                 if car is None:
                     car, blocks = self._scan(car_id, obj)
+            except (KeyProblem, SealedWithoutKey):
+                raise  # every CAR of the set is sealed to the same recipients: one line says it for all
             except FormatError as exc:
                 self.problems.append(f"{_first_line(exc)} (skipped)")
                 m = CAR_NAME.match(obj.name)
@@ -512,7 +530,7 @@ class CarSet:
                 count += 1
             path = obj.display
             local = _LocalBlocks(reader, sections)
-            manifest_cid = self._manifest_cid(local, reader.roots, path, sections)
+            manifest_cid, sealed = self._manifest_cid(local, reader.roots, path, sections)
             blocks = [(cid, Location(car_id, s.offset, s.data_offset, s.length)) for cid, s in sections.items()]
             if manifest_cid is None:
                 # Why it is no packerfs CAR, for a set of packerfs CARs to report. A foreign CAR's
@@ -534,30 +552,39 @@ class CarSet:
                 )
                 car.not_packerfs = str(why)
                 return car, blocks
-            car = self._decode_manifest(car_id, path, reader.size, reader.roots[0], local, manifest_cid)
+            car = self._decode_manifest(car_id, path, reader.size, reader.roots[0], local, manifest_cid, sealed)
             car.blocks = count
             return car, blocks
 
-    def _manifest_cid(self, local: _BufferBlocks, roots: list[bytes], path: str, sections) -> bytes | None:
-        """The CID of `.packerfs/manifest.cbor` under the single root, or None for a foreign CAR."""
+    def _manifest_cid(self, local: _BufferBlocks, roots: list[bytes], path: str, sections) -> tuple[bytes | None, str]:
+        """The CID of `.packerfs/manifest.cbor` under the single root (None for a foreign CAR), and
+        the cipher it is sealed with when it is `manifest.cbor.age` / `.gpg` (hidden names), else ""."""
         try:
             if len(roots) != 1 or cid_codec(roots[0]) != DAG_PB or roots[0] not in sections:
-                return None
+                return None, ""
         except ValueError:  # a malformed root CID
-            return None
+            return None, ""
+        sealed = ""
         try:
             meta_dir = dag.dir_lookup(local, roots[0], manifest_format.DIRNAME)
             manifest_cid = dag.dir_lookup(local, meta_dir, manifest_format.NAME) if meta_dir else None
+            for suffix, cipher_name in SEALED_MANIFESTS:
+                if manifest_cid is not None or not meta_dir:
+                    break
+                manifest_cid = dag.dir_lookup(local, meta_dir, manifest_format.NAME + suffix)
+                sealed = cipher_name if manifest_cid is not None else ""
         except FormatError:
-            return None  # the root is not a directory, or not one packerfs wrote: a foreign CAR
+            return None, ""  # the root is not a directory, or not one packerfs wrote: a foreign CAR
         if manifest_cid is not None and manifest_cid not in sections:
             raise FormatError(
                 f"the manifest's block {cid_to_str(manifest_cid)} is not in the CAR", path=path,
                 offset=local.where(roots[0])[1],
             )
-        return manifest_cid
+        return manifest_cid, sealed
 
-    def _decode_manifest(self, car_id: int, path: str, size: int, root: bytes, local, manifest_cid: bytes) -> Car:
+    def _decode_manifest(
+        self, car_id: int, path: str, size: int, root: bytes, local, manifest_cid: bytes, sealed: str = ""
+    ) -> Car:
         manifest_offset = local.where(manifest_cid)[1]
         files = dag.FileDag(local)
         manifest_size = files.root_size(manifest_cid)
@@ -565,6 +592,8 @@ class CarSet:
             # more than the CAR holds: a DAG linking the same leaf over and over
             raise FormatError(f"manifest is implausibly large ({manifest_size} bytes)", path=path, offset=manifest_offset)
         data = files.read(manifest_cid, manifest_size, 0, manifest_size)
+        if sealed:
+            data = self._open_sealed(data, sealed, path, manifest_offset)
         try:
             decoded = manifest_format.decode_manifest(data)
         except (ValueError, RecursionError) as exc:  # ManifestError, or a malformed CID inside an entry
@@ -583,8 +612,13 @@ class CarSet:
         car = Car(
             id=car_id, path=path, size=size, root=root, bin=decoded["bin"], dataset=decoded["dataset"],
             cipher=decoded["cipher"], recipients=list(decoded["recipients"]), entries=decoded["entries"],
-            blocks=0, manifest_offset=manifest_offset, snapshot=None, roots=[root],
+            blocks=0, manifest_offset=manifest_offset, snapshot=None, roots=[root], sealed=sealed,
         )
+        if sealed and decoded["cipher"] != sealed:
+            raise FormatError(
+                f"its manifest is sealed with {sealed}, but says cipher {decoded['cipher']!r}", path=path,
+                offset=manifest_offset,
+            )
         if decoded.get("snapshot") is not None:
             from packerfs.snapshot import SnapshotError, check_descriptor
 
@@ -593,6 +627,26 @@ class CarSet:
             except SnapshotError as exc:
                 raise FormatError(f"bad manifest: {exc}", path=path, offset=manifest_offset) from None
         return car
+
+    def _open_sealed(self, data: bytes, cipher_name: str, path: str, offset: int) -> bytes:
+        """A sealed manifest's plaintext; SealedWithoutKey or KeyProblem (one line) if it cannot be opened."""
+        from packerfs.crypt import KeyRing
+        from packerfs.privacy.sealed_manifest import open_manifest
+
+        if self.keyring is None:
+            if cipher_name == "age":
+                raise SealedWithoutKey(
+                    f"{path}: its names are hidden (packed with --hide-names): give the age identity that "
+                    f"opens it with -i/--identity"
+                )
+            self.keyring = KeyRing()  # OpenPGP: the default gpg home may hold the key
+        name = f"{path}: .packerfs/{os.fsdecode(manifest_format.NAME)}{SEALED_SUFFIX[cipher_name]}"
+        try:
+            return open_manifest(self.keyring, cipher_name, data, name=name)
+        except KeyProblem:
+            raise
+        except FormatError as exc:
+            raise FormatError(f"sealed manifest: {_first_line(exc)}", path=path, offset=offset) from None
 
     def _scan_tail(self, car_id: int, obj) -> tuple[Car, list[tuple[bytes, Location]]] | None:
         """A remote packerfs CAR from its header and tail (packerfs/locator.py); None without a locator."""
@@ -618,10 +672,10 @@ class CarSet:
         roots = _header_roots(head, path)
         blocks = parse_sections(path, car_id, meta, meta_start)
         local = _BufferBlocks(path, blocks)
-        manifest_cid = self._manifest_cid(local, roots, path, blocks)
+        manifest_cid, sealed = self._manifest_cid(local, roots, path, blocks)
         if manifest_cid is None:
             return None
-        car = self._decode_manifest(car_id, path, size, roots[0], local, manifest_cid)
+        car = self._decode_manifest(car_id, path, size, roots[0], local, manifest_cid, sealed)
         car.located = False
         car.blocks = len(blocks)
         car.snapshot_at = snapshot_at

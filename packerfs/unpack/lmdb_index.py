@@ -179,7 +179,7 @@ class LmdbBlockIndex:
                         "cipher": car.cipher, "recipients": list(car.recipients), "entries": car.entries,
                         "blocks": car.blocks, "manifest_offset": car.manifest_offset,
                         "located": car.located, "roots": list(car.roots), "foreign": car.foreign,
-                        "snapshot_at": car.snapshot_at,
+                        "snapshot_at": car.snapshot_at, "sealed": car.sealed,
                     }
                     if car.snapshot is not False:  # known: the map, or None for a bin without a snapshot part
                         fields["snapshot"] = car.snapshot

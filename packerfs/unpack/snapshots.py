@@ -28,6 +28,7 @@ from typing import Iterator
 
 from packerfs import manifest as manifest_format
 from packerfs import snapshot as snapshot_format
+from packerfs.crypt import iter_plaintext, open_plaintext
 from packerfs.errors import FormatError, IncompleteSet, UsageError
 from packerfs.ipld import cbor
 from packerfs.ipld.cid import cid_to_str
@@ -58,6 +59,7 @@ class SnapshotInfo:
     parts: int
     found: dict[int, SnapshotPart] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # disagreements between the bins naming it
+    sealed: str = ""  # hidden names: the cipher its body is encrypted with (`size` is the stream's)
 
     @property
     def complete(self) -> bool:
@@ -131,7 +133,7 @@ def descriptor_of(carset, car) -> dict | None:
     meta = dag.dir_lookup(carset, car.root, manifest_format.DIRNAME)
     if meta is not None:
         node = dag.decode_dir_node(carset, meta, carset.read_block(meta))
-        if node.shard or any(name.startswith(snapshot_format.NAME) for name in node.links):
+        if node.shard or any(name.startswith(snapshot_format.NAME) for name in node.links):  # (clear names only)
             mcid = dag.dir_lookup(carset, meta, manifest_format.NAME)
             if mcid is not None:
                 files = dag.FileDag(carset)
@@ -160,7 +162,8 @@ def find_snapshots(carset) -> list[SnapshotInfo]:
         info = by_id.get(d["id"])
         if info is None:
             info = by_id[d["id"]] = SnapshotInfo(
-                d["id"], d["time_ns"], d["entries"], d["files"], d["bytes"], d["size"], d["parts"]
+                d["id"], d["time_ns"], d["entries"], d["files"], d["bytes"], d["size"], d["parts"],
+                sealed=car.sealed,
             )
         else:
             mine = (info.time_ns, info.entries, info.files, info.bytes, info.size, info.parts)
@@ -275,6 +278,10 @@ class SnapshotReader:
         self.header: dict | None = None
 
     def pieces(self) -> Iterator[bytes]:
+        """The body in order: the parts' leaves, decrypted (and authenticated) when it is sealed."""
+        if self.info.sealed:
+            yield from iter_plaintext(sealed_body(self.carset, self.info))
+            return
         files = dag.FileDag(self.carset)
         for p in range(1, self.info.parts + 1):
             ref = self.info.found[p]
@@ -317,6 +324,26 @@ class SnapshotReader:
         self.trailer = trailer
 
 
+class _StoredBody:
+    """RandomAccess over a complete snapshot's stored body, across its parts."""
+
+    def __init__(self, carset, info: SnapshotInfo):
+        self.carset, self.info, self.size = carset, info, info.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return _read_body(self.carset, self.info, offset, min(offset + size, self.size))
+
+
+def sealed_body(carset, info: SnapshotInfo):
+    """The plaintext (RandomAccess) of a sealed snapshot's body, opened with the set's keyring."""
+    from packerfs.crypt import KeyRing
+
+    if carset.keyring is None:
+        carset.keyring = KeyRing()
+    name = f"{info.found[1].car}: snapshot {info.id}"
+    return open_plaintext(_StoredBody(carset, info), carset.keyring, info.sealed, name=name)
+
+
 def _read_body(carset, info: SnapshotInfo, start: int, end: int) -> bytes:
     files = dag.FileDag(carset)
     out = []
@@ -333,9 +360,10 @@ def peek_trailer(carset, info: SnapshotInfo) -> dict | None:
     listing; the tree reads and checks the whole body). None if it cannot be found that way."""
     if not info.complete:
         return None
+    body = sealed_body(carset, info) if info.sealed else _StoredBody(carset, info)
     for tail in _TAIL_TRIES:
-        start = max(0, info.size - tail)
-        data = _read_body(carset, info, start, info.size)
+        start = max(0, body.size - tail)
+        data = body.read(start, body.size - start)
         pos = len(data)
         while True:
             pos = data.rfind(b"\x63end\xf5", 0, pos)
@@ -376,12 +404,12 @@ def listing(carset) -> list[dict]:
     return out
 
 
-def open_carset(sources, *, dataset=None, snapshot=None, index=None):
+def open_carset(sources, *, dataset=None, snapshot=None, index=None, keyring=None):
     """CarSet.open, with the snapshot that decides its tree (an id, LEGACY, or None for the newest).
     An id no bin names is a UsageError here, before anything else is done."""
     from packerfs.unpack.carset import CarSet
 
-    carset = CarSet.open(sources, dataset=dataset, index=index)
+    carset = CarSet.open(sources, dataset=dataset, index=index, keyring=keyring)
     try:
         set_choice(carset, snapshot)
     except BaseException:

@@ -174,7 +174,7 @@ class _Cand:
 class SymlinkRecord:
     path: bytes
     target: bytes
-    cid: bytes
+    cid: bytes | None  # None with hidden names: the link has no UnixFS node
     bin: int
     car: str
 
@@ -287,7 +287,7 @@ class Tree:
                     if b"\0" in e["target"]:
                         fail(car, index, path, "symlink target contains a NUL byte")
                         continue
-                    self.symlinks.append(SymlinkRecord(path, e["target"], e["cid"], car.bin, car.path))
+                    self.symlinks.append(SymlinkRecord(path, e["target"], e.get("cid"), car.bin, car.path))
                     old = links.get(path)
                     if old is not None and old.recency == car.bin:
                         fail(car, index, path, "the path appears twice in one bin")

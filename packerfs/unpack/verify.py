@@ -29,7 +29,7 @@ from packerfs.ipld.cid import DAG_PB, cid_codec, cid_to_str
 from packerfs.ipld.dagpb import SYMLINK as UNIXFS_SYMLINK
 from packerfs.ipld.dagpb import UnixFSData, decode_node
 from packerfs.unpack import dag
-from packerfs.unpack.carset import CAR_NAME, CarSet
+from packerfs.unpack.carset import CAR_NAME, SEALED_SUFFIX, CarSet
 from packerfs.unpack.snapshots import find_snapshots, iso_local
 from packerfs.unpack.tree import DIR, FILE, SYMLINK, Tree, path_problem, show
 
@@ -151,7 +151,8 @@ def _check_snapshots(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
             car = carset.by_bin.get(part.bin)
             if car is None:
                 continue
-            name = snapshot_format.NAME + (_part_suffix(part.part, info.parts) if info.parts > 1 else b"")
+            name = snapshot_format.NAME + SEALED_SUFFIX.get(info.sealed, "").encode()
+            name += _part_suffix(part.part, info.parts) if info.parts > 1 else b""
             try:
                 found = dag.resolve(carset, car.root, manifest_format.DIRNAME + b"/" + name)
             except FormatError as exc:
@@ -295,8 +296,8 @@ def _check_manifests(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
         for index, e in enumerate(car.entries):
             kind = e["kind"]
             name = e["name"] if kind == FILE else e["path"]
-            if kind == DIR and name == b"":
-                continue
+            if kind == DIR and name == b"" or car.sealed and kind != FILE:
+                continue  # with hidden names, directories and symlinks are in the sealed manifest only
             if path_problem(e["path"]) or path_problem(name):
                 continue  # reported by the tree build
             where = f"{car.path}: manifest entry {index} ({show(e['path'])})"
