@@ -27,6 +27,10 @@ An entry (a map) describes one directory, symlink or file part in this bin:
     at        the section offset of that root block in this CAR (packerfs/locator.py: how a
               remote reader finds the part's blocks without walking the CAR); absent in CARs
               written before the tail locator existed
+    zstd      (part 1 of a compressed file only) its FrameTable (packerfs/compress/table.py):
+              the stream decrypts to independent zstd frames, `size` is what they decompress to
+    padded    (part 1 only) true: the zstd stream is followed by skippable frames up to a
+              PADMÉ size (packerfs/privacy/padding.py); without `zstd`, it is one stored frame
   symlinks only:
     target    the link target (bytes), and `cid` its UnixFS node, at section offset `at` (neither
               with hidden names, where the link is in this manifest only)
@@ -81,6 +85,12 @@ def encode_manifest(
     # DAG-CBOR map keys: shorter first, then bytewise.
     order = sorted(fields, key=lambda k: (len(k.encode()), k.encode()))
     return cbor.encode_head(5, len(fields)) + b"".join(cbor.encode(k) + fields[k] for k in order)
+
+
+def encode_coding_fields(fields: dict) -> bytes:
+    """The bytes a file part's coding fields (`zstd`, `padded`) add inside its entry's map, and one
+    more for the map's head, which may grow: what the plan reserves for them."""
+    return b"\0" + b"".join(cbor.encode(k) + cbor.encode(v) for k, v in fields.items())
 
 
 def manifest_fixed_bound(recipients: list[str], cipher: str) -> int:
@@ -138,6 +148,7 @@ PART_NAME_MAX = NAME_MAX + 64  # a part's name in the bin: the file's name plus 
 MAX_PATH = 1 << 16  # a whole path, bytes (deeper than PATH_MAX is fine: restore uses openat)
 MAX_TARGET = 4096  # a symlink target (Linux PATH_MAX)
 MAX_RECIPIENT = 4096  # one recipient fingerprint string
+MAX_TABLE = 64 << 20  # a compressed file's frame table (3 bytes per MiB: a 16 TiB file)
 
 
 def _text_ok(value) -> bool:
@@ -230,6 +241,11 @@ def _check_entry(raw, i: int) -> dict:
         least = -(-raw["stream"] // MAX_BIN_BYTES)
         if not max(least, 1) <= raw["parts"] <= most:
             raise bad(f"{raw['parts']} parts is impossible for a stream of {raw['stream']} bytes")
+    if kind == "file":
+        if "zstd" in raw and (not isinstance(raw["zstd"], bytes) or len(raw["zstd"]) > MAX_TABLE):
+            raise bad("field 'zstd' is not a frame table")
+        if "padded" in raw and not isinstance(raw["padded"], bool):
+            raise bad("field 'padded' is not true or false")
     if kind == "symlink" and len(raw["target"]) > MAX_TARGET:
         raise bad(f"symlink target is {len(raw['target'])} bytes long (at most {MAX_TARGET})")
     if "at" in raw and not _int_in(raw["at"], 0, MAX_BIN_BYTES):

@@ -69,9 +69,9 @@ def age_pack(tmp_path):
 
 def test_pack_verify_ls_unpack(tmp_path, age_pack):
     src, cars, key = age_pack
-    verified = json.loads(packerfs("verify", cars, "--json").stdout)
+    verified = json.loads(packerfs("verify", cars, "-i", key, "--json").stdout)
     assert verified["ok"] and verified["cars"] == len(list(cars.glob("*.car")))
-    rows = {r["path"]: r for r in json.loads(packerfs("ls", cars, "--json").stdout)}
+    rows = {r["path"]: r for r in json.loads(packerfs("ls", cars, "-i", key, "--json").stdout)}
     assert rows["sub/big.bin"]["parts"] >= 3 and rows["sub/link"]["target"] == "../a.txt"
     out = tmp_path / "out"
     done = json.loads(packerfs("unpack", cars, out, "-i", key, "--json").stdout)
@@ -99,7 +99,7 @@ def test_unpack_failures_have_exit_codes(tmp_path, age_pack):
     assert b"big.bin" in partial.stderr and b"missing bins: 2" in partial.stderr
     assert (tmp_path / "o3" / "a.txt").read_bytes() == (src / "a.txt").read_bytes()
     # verify reports the set incomplete (exit 3: a bin the snapshot needs is lost) and names the missing CAR
-    failed = packerfs("verify", cars, check=False)
+    failed = packerfs("verify", cars, "-i", key, check=False)
     assert failed.returncode == 3 and b"bin-000002.car" in failed.stderr + failed.stdout
 
 
@@ -122,9 +122,10 @@ def test_gpg_pack_parts_decrypt_with_stock_gpg(tmp_path, gpg_rsa_key, ipfs_car):
     src = tmp_path / "src"
     original = write_random(src / "big.bin", 9 * MiB + 5, 7)
     cars = tmp_path / "cars"
+    # --show-names: stock ipfs-car must find the parts under their real name (big.bin.gpg.partNNNN…)
     packerfs(
         "pack", src, cars, "--gpg-recipient", gpg_rsa_key["fpr"], "--gpg-homedir", gpg_rsa_key["home"],
-        "--bin-size", "4MiB", "-t", tmp_path / "state",
+        "--bin-size", "4MiB", "-t", tmp_path / "state", "--show-names",
     )
     extracted = tmp_path / "extracted"
     for car_path in sorted(cars.glob("*.car")):

@@ -89,7 +89,7 @@ def test_deleting_a_file_loses_nothing_and_resurrects_nothing(tmp_path, key):
     assert all(r["status"] == "current" for r in rows.values()), rows
     unpack(out, tmp_path / "restored", key_path)
     assert tree_of(tmp_path / "restored") == tree_of(src)
-    verified = packerfs("verify", out, "--json", check=False)
+    verified = packerfs("verify", out, "-i", key_path, "--json", check=False)
     assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
 
 
@@ -120,7 +120,7 @@ def test_fresh_out_after_a_deletion_names_the_bin_it_cannot_generate_and_repack_
     assert set(report["unavailable_bins"]) <= set(repacked["retired_bins"])
     unpack(tmp_path / "out2", tmp_path / "r3", key_path, "--force")
     assert tree_of(tmp_path / "r3") == tree_of(src)
-    verified = packerfs("verify", tmp_path / "out2", "--json", check=False)
+    verified = packerfs("verify", tmp_path / "out2", "-i", key_path, "--json", check=False)
     assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
 
 
@@ -147,13 +147,13 @@ def test_change_add_and_delete_across_several_runs(tmp_path, key):
     again = json.loads(pack(src, out, state, recipient).stdout)
     assert again["new_bins"] == [] and again["snapshot"] is None
     # the older snapshot restores the older tree: nothing resurrected in the new one, nothing lost in the old
-    listed = json.loads(packerfs("snapshots", out, "--json").stdout)
+    listed = json.loads(packerfs("snapshots", out, "-i", key_path, "--json").stdout)
     ids = sorted(s["id"] for s in (listed["snapshots"] if isinstance(listed, dict) else listed))
     assert ids == [1, 2]
     unpack(out, tmp_path / "r-old", key_path, "--snapshot", "1")
     old = tree_of(tmp_path / "r-old")
     assert "d1/f1" in old and "d2/new" not in old and "empty" in old
-    verified = packerfs("verify", out, "--json", check=False)
+    verified = packerfs("verify", out, "-i", key_path, "--json", check=False)
     assert verified.returncode == 0, verified.stdout.decode() + verified.stderr.decode()
 
 
@@ -244,7 +244,8 @@ def test_names_in_cars_are_at_most_255_bytes_and_ipfs_car_unpacks_them(tmp_path,
     for i, name in enumerate(names):
         write_random(src / name, 5 * MiB + i, i)  # split over bins: .age.partNNNNofNNNN suffixes
     out = tmp_path / "out"
-    pack(src, out, tmp_path / "st", recipient)
+    # --show-names: the long clear names (and their truncation to NAME_MAX) are what is checked in the CARs
+    pack(src, out, tmp_path / "st", recipient, "--show-names")
     listed = subprocess.run(
         [ipfs_car, "ls", str(next(out.glob("bin-000001.car")))], capture_output=True, timeout=60
     )

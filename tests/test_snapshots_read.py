@@ -107,12 +107,12 @@ def test_snapshot_1_restores_the_older_tree(history, tmp_path):
     result = unpack(history["cars"], out, history["key"], "--snapshot", "1")
     assert result.returncode == 0, result.stderr.decode()
     assert_same_tree(history["src1"], out)
-    ls = json.loads(packerfs("ls", history["cars"], "--snapshot", "1", "--json").stdout)
+    ls = json.loads(packerfs("ls", history["cars"], "-i", history["key"], "--snapshot", "1", "--json").stdout)
     assert "sub/c.txt" in {r["path"] for r in ls} and "new.txt" not in {r["path"] for r in ls}
 
 
 def test_unknown_snapshot_is_a_usage_error(history, tmp_path):
-    for command in (["ls"], ["verify"], ["unpack", "-i", history["key"]]):
+    for command in (["ls", "-i", history["key"]], ["verify", "-i", history["key"]], ["unpack", "-i", history["key"]]):
         args = [*command[:1], history["cars"], *([tmp_path / "o"] if command[0] == "unpack" else []), *command[1:]]
         result = packerfs(*args, "--snapshot", "7", check=False)
         assert result.returncode == 2, result.stderr
@@ -123,7 +123,7 @@ def test_unknown_snapshot_is_a_usage_error(history, tmp_path):
 
 def test_verify_reports_retired_bins_and_passes(history):
     retired = history["second"]["retired_bins"]
-    result = packerfs("verify", history["cars"], "--json", check=False)
+    result = packerfs("verify", history["cars"], "-i", history["key"], "--json", check=False)
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
     assert report["ok"] and report["snapshot"] == 2 and report["retired_bins"] == retired
@@ -131,7 +131,7 @@ def test_verify_reports_retired_bins_and_passes(history):
     assert any("retired" in n for n in report["notes"])
     csv_text = (history["cars"] / "manifest.csv").read_text()
     assert csv_text.splitlines()[0].endswith(",status") and ",retired" in csv_text
-    text = packerfs("verify", history["cars"], check=False)
+    text = packerfs("verify", history["cars"], "-i", history["key"], check=False)
     assert text.returncode == 0 and b"snapshot 2: OK" in text.stdout
 
 
@@ -144,7 +144,7 @@ def test_retired_bins_may_be_left_behind(history, tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     assert b"missing" not in result.stderr
     assert_same_tree(history["src"], out)
-    checked = packerfs("verify", cars, "--json", check=False)
+    checked = packerfs("verify", cars, "-i", history["key"], "--json", check=False)
     assert checked.returncode == 0, checked.stdout.decode()
     assert json.loads(checked.stdout)["retired_bins"] == []
     # the older snapshot needed them: asking for it says so, exit 3
@@ -152,15 +152,15 @@ def test_retired_bins_may_be_left_behind(history, tmp_path):
     assert older.returncode == 3 and b"snapshot 1" in older.stderr
 
 
-def _bin_holding(cars: Path, path: bytes) -> int:
-    rows = json.loads(packerfs("ls", cars, "--json").stdout)
+def _bin_holding(cars: Path, path: bytes, key: Path) -> int:
+    rows = json.loads(packerfs("ls", cars, "-i", key, "--json").stdout)
     row = next(r for r in rows if base64.b64decode(r["path_b64"]) == path)
     assert len(row["bins"]) == 1
     return row["bins"][0]
 
 
 def test_a_lost_needed_bin_lists_its_files(history, tmp_path):
-    gone = _bin_holding(history["cars"], b"keep/a.txt")
+    gone = _bin_holding(history["cars"], b"keep/a.txt", history["key"])
     assert gone not in history["second"]["retired_bins"]
     cars = copy_cars(history["cars"], tmp_path / "cars", skip={car_name(gone)})
     out = tmp_path / "out"
@@ -170,12 +170,12 @@ def test_a_lost_needed_bin_lists_its_files(history, tmp_path):
     assert f"bin {gone} is missing" in err and "keep/a.txt" in err and "sub/e.txt" in err
     assert "incomplete, not restored: keep/a.txt" in err  # wholly in the lost bin, still listed by name
     assert (out / "new.txt").read_bytes() == b"added\n" and not (out / "keep" / "a.txt").exists()
-    checked = packerfs("verify", cars, "--json", check=False)
+    checked = packerfs("verify", cars, "-i", history["key"], "--json", check=False)
     assert checked.returncode == 3
     report = json.loads(checked.stdout)
     assert report["lost_bins"] == [gone] and report["problems"] == []
     assert any("keep/a.txt" in line for line in report["missing"])
-    listed = packerfs("ls", cars, check=False)
+    listed = packerfs("ls", cars, "-i", history["key"], check=False)
     assert listed.returncode == 3 and b"keep/a.txt" in listed.stdout and b"(incomplete)" in listed.stdout
 
 
@@ -190,7 +190,7 @@ def test_newest_snapshot_lost_falls_back_with_exit_3(history, tmp_path):
 
 
 def test_snapshots_listing(history):
-    result = packerfs("snapshots", history["cars"], "--json")
+    result = packerfs("snapshots", history["cars"], "-i", history["key"], "--json")
     listing = json.loads(result.stdout)
     rows = listing["snapshots"]
     assert [r["id"] for r in rows] == [1, 2] and listing["current"] == 2
@@ -199,7 +199,7 @@ def test_snapshots_listing(history):
     assert rows[1]["snapshot_bins"] == history["second"]["snapshot"]["bins"]
     assert rows[0]["snapshot_bins"] == history["first"]["snapshot"]["bins"]
     assert not set(history["second"]["retired_bins"]) & set(rows[1]["bins_needed"])
-    text = packerfs("snapshots", history["cars"]).stdout.decode().splitlines()
+    text = packerfs("snapshots", history["cars"], "-i", history["key"]).stdout.decode().splitlines()
     assert len(text) == 3 and "complete" in text[2] and "(current)" in text[2] and "T" in text[1].split()[1]
 
 

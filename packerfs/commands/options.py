@@ -65,12 +65,22 @@ def source_options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
+def compress_level(text: str) -> int:
+    from packerfs.compress.zstd import parse_compress_option
+
+    try:
+        return parse_compress_option(text)
+    except Exception as exc:  # UsageError: its one line is argparse's message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def open_engine(args: argparse.Namespace):
     from packerfs.pack import Engine
 
     return Engine.open(
         args.source, args.temp, cipher_from_args(args), bin_size_from_args(args), source_options(args),
-        hide_names=getattr(args, "hide_names", None),
+        hide_names=getattr(args, "hide_names", None), compress=getattr(args, "compress", None),
+        pad_sizes=getattr(args, "pad_sizes", False),
     )
 
 
@@ -133,6 +143,19 @@ def add_pack_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home directory (default: gpg's own)")
     p.add_argument("--no-encryption", action="store_true", help="store files unencrypted")
+    p.add_argument(
+        "--compress", metavar="zstd[:LEVEL]", type=compress_level,
+        help="compress each file before encryption as independent zstd frames (one per MiB), stored as "
+        "NAME.zst.age; `age -d F.zst.age | zstd -d` restores it. Files whose samples do not shrink by 3%% are "
+        "stored as they are. LEVEL 1-22, default 3. Each new or changed file is read once more, when planned, "
+        "to learn its compressed size",
+    )
+    p.add_argument(
+        "--pad-sizes", action="store_true",
+        help="pad every file's stored stream to a PADMÉ size (at most 12%% more, less from 1 KiB on), so a CAR "
+        "does not show exact file sizes; the padding is zstd skippable frames, so files become NAME.zst.age "
+        "and `zstd -d` restores them",
+    )
     names = p.add_mutually_exclusive_group()
     names.add_argument(
         "--hide-names", dest="hide_names", action="store_true", default=None,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from packerfs.crypt import load_or_create_dataset_secret
+from packerfs.compress.zstd import compressor_id
 from packerfs.crypt.base import Cipher
 from packerfs.errors import UsageError
 from packerfs.index import Index
@@ -52,16 +53,19 @@ class Engine:
     excluded: set[bytes] = field(default_factory=set)
     source_options: dict | None = None  # the file-system options SRC was opened with (for Dask workers)
     hide_names: bool = False  # --hide-names (packerfs.privacy): fixed for the state's life
+    compress: int | None = None  # --compress zstd:LEVEL (packerfs.compress), fixed for the state's life
+    pad_sizes: bool = False  # --pad-sizes, fixed for the state's life
 
     @classmethod
     def open(
         cls, spec: str, state_dir: str | None, cipher: Cipher, bin_size: int, source_options: dict | None = None,
-        hide_names: bool | None = False,
+        hide_names: bool | None = False, compress: int | None = None, pad_sizes: bool = False,
     ) -> "Engine":
         """SRC (a directory or an object-store URL, with its file-system options) and its state.
 
         `hide_names`: True or False, or None for the default: what the state was made with, and for a
-        new state, hidden for an encrypted pack. A state keeps its choice (IndexMismatch otherwise)."""
+        new state, hidden for an encrypted pack. A state keeps its choice (IndexMismatch otherwise),
+        as it keeps `compress` (a zstd level, or None) and `pad_sizes`."""
         source = open_source(spec, source_options)
         try:
             state_dir = os.path.abspath(state_dir or default_state_dir(spec))
@@ -89,12 +93,21 @@ class Engine:
                         "encrypted manifest"
                     )
                 identity["names"] = "hidden"
+            if compress is not None:
+                identity["compress"] = f"zstd:{compress}"
+            if pad_sizes:
+                identity["pad"] = "padme"
             index.bind(identity)
+            if compress is not None and index.get_meta(b"compressor") is None:
+                # what regenerating the compressed streams will depend on (checked then: compress.zstd)
+                index.commit(meta=[(b"compressor", compressor_id(compress))])
         except BaseException:
             index.close()
             source.close()
             raise
-        return cls(source, state_dir, cipher, bin_size, index, secret, excluded, source_options, hide_names)
+        return cls(
+            source, state_dir, cipher, bin_size, index, secret, excluded, source_options, hide_names, compress, pad_sizes
+        )
 
     def exclude(self, *others) -> None:
         """Leave these directories (paths, or (what, path) pairs) out of the scan if they lie inside
@@ -136,7 +149,7 @@ class Engine:
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, advance=advance, on_seal=on_seal, car_dir=car_dir,
             repack_below=repack_below, exclude=excluded, source_options=self.source_options, pool=pool,
-            pool_factory=pool_factory, hide_names=self.hide_names,
+            pool_factory=pool_factory, **self._coding_options(),
         ).run()
 
     def plan(
@@ -148,12 +161,15 @@ class Engine:
         planner = Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=skip_unreadable, repack_below=repack_below, exclude=set(self.excluded),
-            dry=True, check_seams=False, hide_names=self.hide_names,
+            dry=True, check_seams=False, **self._coding_options(),
         )
         if files:
             planner.plan_result.files_assigned = []
         plan = planner.plan()
         return plan, planner.report.problems
+
+    def _coding_options(self) -> dict:
+        return {"hide_names": self.hide_names, "compress": self.compress, "pad_sizes": self.pad_sizes}
 
     def reader(self) -> BinReader:
         return BinReader(self.index, self.source, self.cipher, self.secret)

@@ -20,6 +20,8 @@ import zlib
 from typing import Iterator
 
 from packerfs.cache import LRU
+from packerfs.compress.coding import Coding
+from packerfs.compress.zstd import CompressorMismatch, check_compressor
 from packerfs.crypt.base import Cipher, RandomAccess
 from packerfs.errors import PackerfsError, SourceChanged
 from packerfs.index.store import DIGEST, Index
@@ -45,6 +47,7 @@ class BinReader:
         self.files = LRU(open_files, on_evict=lambda opened: opened.evict())  # version -> _OpenStream
         self.files_lock = threading.Lock()
         self.records = LRU(1024)
+        self.compressor_ok = False
 
     # ---------------------------------------------------------------- API
 
@@ -154,7 +157,13 @@ class BinReader:
             opened = self.files.get(version)
             if opened is None or not record.get("complete"):
                 source = self.source.open(record["path"], record["fp"])
-                stream = self.cipher.open_stream(record["params"], record["size"], source.read, self.secret)
+                read, size = source.read, record["size"]
+                coding = Coding.from_record(record.get("coding"), size)
+                if coding is not None:
+                    self._check_compressor(coding)
+                    view = coding.source_view(read, coding.table.level if coding.table else 0, self.source.display(record["path"]))
+                    read, size = view.read, coding.size
+                stream = self.cipher.open_stream(record["params"], size, read, self.secret)
                 opened = _OpenStream(source, stream)
                 self.files.put(version, opened)
             opened.users += 1
@@ -170,6 +179,16 @@ class BinReader:
                 opened.users -= 1
                 if opened.evicted and not opened.users:
                     opened.source.close()
+
+    def _check_compressor(self, coding) -> None:
+        """Compressed streams are regenerated only by the compressor the state recorded (once per reader)."""
+        if coding.table is None or self.compressor_ok:
+            return
+        recorded = self.index.get_meta(b"compressor")
+        if recorded is None:
+            raise CompressorMismatch("the state records no compressor for its compressed files")
+        check_compressor(recorded)
+        self.compressor_ok = True
 
     def _leaf_section(self, record: dict, version: int, leaf_index: int) -> bytes:
         """A leaf's whole CAR section, its bytes verified against the digest recorded at scan time."""

@@ -49,9 +49,11 @@ from packerfs.crypt.secrets import file_seed, new_run_seed, snapshot_seed
 from packerfs.errors import PackerfsError, SourceChanged, UsageError
 from packerfs.index.store import DIGESTS_PER_CHUNK, Index
 from packerfs.ipld.unixfs import CHUNK_SIZE, symlink_block
+from packerfs.compress.coding import Coding
+from packerfs.compress.zstd import check_compressor, compress_file, compressor_id, should_compress
 from packerfs.pack.seal import (
     NAME_MAX, PART_SUFFIX_MAX, BinSealer, Results, SealContext, file_manifest_bound, name_in_car, part_name_length,
-    part_suffix,
+    part_suffix, stored_suffix,
 )
 from packerfs.pack.writer import CarOutput, DirectoryOutput
 from packerfs.piece import padded_size
@@ -65,6 +67,8 @@ __all__ = ["Scan", "ScanReport", "Plan", "NAME_MAX", "PART_SUFFIX_MAX", "name_in
 
 log = logging.getLogger("packerfs.scan")
 
+# Compressed sizes the planning pass learnt, kept for the scan (the rest are measured again there).
+MEASURED_KEPT = 1 << 20
 # Flush finished segments and file records to the index every this many, so memory stays flat.
 SEGMENT_FLUSH = 4096
 PENDING_FLUSH = 2048
@@ -86,6 +90,7 @@ class ScanReport:
     retired_bins: list[int] = field(default_factory=list)  # bins this scan retired
     problems: list[ScanProblem] = field(default_factory=list)
     bytes_to_read: int = 0  # what the plan said this scan would read
+    bytes_measured: int = 0  # read (by the planning pass) to learn compressed sizes
     plan: "Plan | None" = None
 
 
@@ -217,6 +222,9 @@ class Scan:
         dry: bool = False,
         check_seams: bool = True,
         hide_names: bool = False,
+        compress: int | None = None,
+        pad_sizes: bool = False,
+        measured: dict | None = None,
     ):
         """With `car_dir`, each bin's CAR is also written there as it is laid out (one read of the source):
         a directory, or a packerfs.pack.writer.CarOutput (StoreOutput: uploaded to a bucket). The CAR
@@ -236,6 +244,10 @@ class Scan:
         so, and read nothing).
         `hide_names`: parts get opaque names in their bin's root, directories and symlinks are in the
         sealed manifest only (packerfs.privacy).
+        `compress` (a zstd level): files that shrink are stored as seekable zstd frames; `pad_sizes`:
+        every file's stored plaintext is padded to a PADMÉ size (packerfs.compress.coding). A file's
+        compressed size is learnt by reading it once when it is planned (`measured` keeps what the
+        planning pass learnt for the scan that follows).
         """
         self.car_output: CarOutput | None = (
             DirectoryOutput(car_dir) if isinstance(car_dir, (str, os.PathLike)) else car_dir
@@ -256,6 +268,10 @@ class Scan:
         self.dry = dry
         self.check_seams = check_seams
         self.hide_names = hide_names
+        self.compress = compress
+        self.pad_sizes = pad_sizes
+        self.measured = measured if measured is not None else {}
+        self.compressor_checked = False
         self.sealing = ManifestSealer(cipher, secret) if hide_names else None
         self.dataset = index.dataset
         self.recipients = list(cipher.recipients)
@@ -291,7 +307,8 @@ class Scan:
         return Scan(
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=self.skip_unreadable, repack_below=self.repack_below, exclude=self.exclude,
-            dry=True, check_seams=self.check_seams, hide_names=self.hide_names,
+            dry=True, check_seams=self.check_seams, hide_names=self.hide_names, compress=self.compress,
+            pad_sizes=self.pad_sizes, measured=self.measured,
         )
 
     def plan(self, *, keep: bool = False) -> Plan:
@@ -319,6 +336,7 @@ class Scan:
         plan = planner.plan(keep=True)
         problems = planner.report.problems
         self.seams_ok = planner.seams_ok
+        self.report.bytes_measured = planner.report.bytes_measured
         fatal = [p for p in problems if p.fatal]
         if fatal and not self.skip_unreadable:
             listing = "; ".join(f"{os.fsdecode(p.path) or '.'}: {p.reason}" for p in fatal)
@@ -772,8 +790,9 @@ class Scan:
                 return
             # The source changed since those parts were sealed: the file starts over as a new version.
             self._note(self.report.changed_paths, "changed", entry.path)
-        stream_size = self.cipher.stream_size(entry.size)
-        bounds = file_manifest_bound(entry, self.cipher, self.hide_names)
+        coding = self._coding(entry)
+        stream_size = self.cipher.stream_size(coding.size if coding else entry.size)
+        bounds = file_manifest_bound(entry, self.cipher, self.hide_names, coding)
         seal_first, parts = self._parts(entry, stream_size, bounds)
         if self.bin is None:
             self._new_bin()
@@ -783,13 +802,44 @@ class Scan:
         self._sync(self.ancestors)
         version, record = self._new_record(entry)
         record.update(stream_size=stream_size, parts=parts, complete=False, leaves_sealed=0)
+        if coding is not None:
+            record["coding"] = coding.to_record()
         params = None
         if len(parts) > 1 and not self.cipher.parts_need_previous and not self.dry:
             # every part of a split file is sealed on its own: give them the stream's params up front
             seed = file_seed(self.ctx.run_seed, version)
-            params = self.cipher.new_file(entry.size, self.secret, seed=seed).params()
+            params = self.cipher.new_file(coding.size if coding else entry.size, self.secret, seed=seed).params()
         self.plan_result.files_placed += 1
         self._lay_out(entry, version, record, params, 0, bounds[1])
+
+    def _coding(self, entry: Entry) -> "Coding | None":
+        """How the file is stored before encryption (None: as it is). With --compress this reads the
+        file once (sampled, then compressed whole if it is worth it) to learn its compressed size."""
+        if self.compress is None and not self.pad_sizes:
+            return None
+        key = (entry.path, tuple(entry.fingerprint))
+        if key in self.measured:
+            return self.measured.pop(key) if not self.dry else self.measured[key]
+        table = None
+        if self.compress is not None and entry.size:
+            if not self.compressor_checked:
+                # new compressed streams only from the compressor the state's older ones need (one line if not)
+                check_compressor(self.index.get_meta(b"compressor") or compressor_id(self.compress))
+                self.compressor_checked = True
+            shown = self.source.display(entry.path)
+            opened = self.source.open(entry.path, entry.fingerprint)
+            try:
+                if should_compress(opened.read, entry.size, self.compress):
+                    table = compress_file(opened.read, entry.size, self.compress)
+            except SourceChanged as exc:
+                raise SourceChanged(f"{shown}: {exc}" if exc.path is None else str(exc), path=shown) from None
+            finally:
+                opened.close()
+            self.report.bytes_measured += entry.size if table is not None else 0
+        coding = Coding(entry.size, table, self.pad_sizes) if table is not None or self.pad_sizes else None
+        if self.dry and len(self.measured) < MEASURED_KEPT:
+            self.measured[key] = coding
+        return coding
 
     def _seam_holds(self, entry: Entry, version: int, record: dict) -> bool:
         """Can a file whose first parts are sealed be continued? The planning pass reads its last sealed
@@ -816,7 +866,9 @@ class Scan:
         self._sync(self.ancestors)
         record["bins"] = [b for b in record["bins"] if self.index.bin(b) is not None]
         self.plan_result.files_placed += 1
-        self._lay_out(entry, version, record, record["params"], sealed, file_manifest_bound(entry, self.cipher, self.hide_names)[1])
+        coding = Coding.from_record(record.get("coding"), entry.size)
+        bound = file_manifest_bound(entry, self.cipher, self.hide_names, coding)[1]
+        self._lay_out(entry, version, record, record["params"], sealed, bound)
 
     def _last_leaf_matches(self, entry: Entry, version: int, record: dict, sealed: int) -> bool:
         """Does the source still produce the last sealed leaf (one leaf of reading and encryption)?"""
@@ -824,7 +876,11 @@ class Scan:
 
         opened = self.source.open(entry.path, entry.fingerprint)
         try:
-            stream = self.cipher.open_stream(record["params"], entry.size, opened.read, self.secret)
+            coding = Coding.from_record(record.get("coding"), entry.size)
+            read, size = opened.read, entry.size
+            if coding is not None:
+                read, size = coding.source_view(opened.read, self.compress or 0, self.source.display(entry.path)).read, coding.size
+            stream = self.cipher.open_stream(record["params"], size, read, self.secret)
             try:
                 leaf = stream.read((sealed - 1) * CHUNK_SIZE, CHUNK_SIZE)
             except SourceChanged:  # the file is shorter than its fingerprint says, or no longer that version
@@ -840,6 +896,8 @@ class Scan:
         (`bound`: the bound on each part's manifest entry)."""
         parts = record["parts"]
         stream_size = record["stream_size"]
+        coding = Coding.from_record(record.get("coding"), entry.size)
+        suffix = stored_suffix(self.cipher, coding)
         part, part_start = 0, 0
         while part_start < first_leaf:  # a continued file resumes at a part boundary
             part_start += parts[part]
@@ -851,7 +909,7 @@ class Scan:
             leaves = parts[part]
             end = part_start + leaves
             last = part + 1 == len(parts)
-            name_length = part_name_length(entry, self.cipher, part, len(parts), self.hide_names)
+            name_length = part_name_length(entry, suffix, part, len(parts), self.hide_names)
             self.bin.add_part(entry.path, name_length, min(stream_size, end * CHUNK_SIZE) - part_start * CHUNK_SIZE)
             self.bin.add_manifest_entry(None, bound)
             if part_start and params is None and self.cipher.parts_need_previous:
@@ -866,7 +924,7 @@ class Scan:
             if self.work is not None:
                 self.work.planned_read += share
             continued = False
-            self._op(("part", entry, version, part_start, leaves, part, len(parts), params))
+            self._op(("part", entry, version, part_start, leaves, part, len(parts), params, coding))
             part += 1
             part_start = end
             if not last:

@@ -7,9 +7,11 @@ BinLayout, in this process or on a Dask worker (packerfs.pack.parallel):
   ("sync", chain)            open/close directories so the open ones are `chain`
   ("dir", entry)             a directory placed in this bin
   ("symlink", entry)
-  ("part", entry, version, first_leaf, leaves, part, parts, params)
+  ("part", entry, version, first_leaf, leaves, part, parts, params, coding)
                              leaves [first_leaf, first_leaf + leaves) of a file
-                             version's stream, as part `part` (0-based) of `parts`
+                             version's stream, as part `part` (0-based) of `parts`;
+                             `coding` (compress.coding, or None): how its plaintext
+                             is stored before encryption
 
 A part with `params` None starts its version's stream with a seed derived
 from the run seed (crypt.secrets.file_seed) when it is the first part, and
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from packerfs import manifest
+from packerfs.compress.coding import Coding
 from packerfs.crypt.base import Cipher
 from packerfs.crypt.secrets import file_seed
 from packerfs.errors import FormatError
@@ -76,27 +79,35 @@ def part_suffix(part: int, parts: int) -> bytes:
     return b".part%0*dof%0*d" % (width, part, width, parts)
 
 
-def part_name(entry, cipher: Cipher, part: int, parts: int) -> bytes:
+def stored_suffix(cipher: Cipher, coding: "Coding | None") -> str:
+    """What a stored stream's name ends with: `.age`, `.gpg` or ``, after `.zst` for a coded one."""
+    return (coding.suffix if coding is not None else "") + cipher.suffix
+
+
+def part_name(entry, suffix: str, part: int, parts: int) -> bytes:
     """The name part `part` (0-based) of `parts` of a file takes in its bin (names in clear)."""
-    return name_in_car(entry.name, cipher.suffix.encode() + part_suffix(part + 1, parts))
+    return name_in_car(entry.name, suffix.encode() + part_suffix(part + 1, parts))
 
 
-def part_name_length(entry, cipher: Cipher, part: int, parts: int, hidden: bool) -> int:
+def part_name_length(entry, suffix: str, part: int, parts: int, hidden: bool) -> int:
     if hidden:
-        return hidden_name_length(cipher.suffix)
-    return len(part_name(entry, cipher, part, parts))
+        return hidden_name_length(suffix)
+    return len(part_name(entry, suffix, part, parts))
 
 
-def file_manifest_bound(entry, cipher: Cipher, hidden: bool = False) -> tuple[int, int]:
+def file_manifest_bound(entry, cipher: Cipher, hidden: bool = False, coding: "Coding | None" = None) -> tuple[int, int]:
     """(bound on a part's link name, bound on its manifest entry): what the plan reserves for a part.
 
-    `hidden`: the part is linked from the bin's root under its hidden name (privacy.names)."""
+    `hidden`: the part is linked from the bin's root under its hidden name (privacy.names);
+    `coding`: its first part's entry also records how the file is coded (compress.coding)."""
+    suffix = stored_suffix(cipher, coding)
+    extra = len(manifest.encode_coding_fields(coding.to_record())) if coding is not None else 0
     if hidden:
-        name_bound = hidden_name_length(cipher.suffix)
-        return name_bound, manifest.entry_bound("file", entry.path, b"\0" * name_bound)
-    name_bound = min(NAME_MAX, len(entry.name) + len(cipher.suffix) + PART_SUFFIX_MAX)
+        name_bound = hidden_name_length(suffix)
+        return name_bound, manifest.entry_bound("file", entry.path, b"\0" * name_bound) + extra
+    name_bound = min(NAME_MAX, len(entry.name) + len(suffix) + PART_SUFFIX_MAX)
     parent = entry.path[: -len(entry.name)]
-    return name_bound, manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound))
+    return name_bound, manifest.entry_bound("file", entry.path, b"\0" * (len(parent) + name_bound)) + extra
 
 
 @dataclass
@@ -228,20 +239,22 @@ class BinSealer:
         meta.update(target=entry.target, cid=block.cid, at=at)
         layout.add_manifest_entry(meta, bound)
 
-    def _encryptor(self, entry, version: int, first_leaf: int, params: bytes | None):
-        """-> (encryptor, plaintext offset to read from) for a part starting at leaf `first_leaf`."""
+    def _encryptor(self, entry, version: int, first_leaf: int, params: bytes | None, size: int):
+        """-> (encryptor, offset in the cipher's plaintext to read from) for a part starting at leaf
+        `first_leaf`; `size`: the cipher's plaintext size (the file's, or its coded stream's)."""
         ctx = self.ctx
         if params is None and first_leaf:
             params = self.seams.get(version)
             if params is None:
                 raise AssertionError(f"{entry.path!r}: part at leaf {first_leaf} has no params to continue from")
         if params is None:
-            return ctx.cipher.new_file(entry.size, ctx.secret, seed=file_seed(ctx.run_seed, version)), 0
-        return ctx.cipher.resume_at(params, entry.size, ctx.secret, first_leaf * CHUNK_SIZE)
+            return ctx.cipher.new_file(size, ctx.secret, seed=file_seed(ctx.run_seed, version)), 0
+        return ctx.cipher.resume_at(params, size, ctx.secret, first_leaf * CHUNK_SIZE)
 
-    def _stream(self, entry, encryptor, start: int, carry: "Carry") -> Iterator[bytes]:
+    def _stream(self, entry, encryptor, start: int, carry: "Carry", coding=None) -> Iterator[bytes]:
         """The stream's leaves from where `encryptor` starts to its end, reading the file from plaintext
-        offset `start`. Only as much is read as the leaves taken need (give or take one read)."""
+        offset `start` (of its coded stream, for a coded file). Only as much is read as the leaves taken
+        need (give or take one read)."""
         leaf = bytearray(CHUNK_SIZE)
         filled = 0
 
@@ -257,18 +270,29 @@ class BinSealer:
                     filled = 0
                     yield bytes(leaf)
 
-        pieces = self.source.stream(entry, start)
+        if coding is None:
+            pieces = self.source.stream(entry, start)
+        else:
+            def plaintext_from(offset: int) -> Iterator[bytes]:
+                for data in self.source.stream(entry, offset):
+                    carry.results.read(len(data))
+                    yield data
+
+            pieces = coding.encode_from(plaintext_from, start, self.source.display(entry.path))
         try:
             for data in pieces:
-                carry.results.read(len(data))
+                if coding is None:
+                    carry.results.read(len(data))
                 yield from cut(encryptor.update(data))
         finally:
             pieces.close()
         yield from cut(encryptor.finish())
-        if filled or self.ctx.cipher.stream_size(entry.size) == 0:
+        if filled or self.ctx.cipher.stream_size(coding.size if coding else entry.size) == 0:
             yield bytes(leaf[:filled])  # the short last leaf, or the one empty leaf of an empty stream
 
-    def _part(self, entry, version: int, first_leaf: int, leaves: int, part: int, parts: int, params) -> None:
+    def _part(
+        self, entry, version: int, first_leaf: int, leaves: int, part: int, parts: int, params, coding=None
+    ) -> None:
         cipher = self.ctx.cipher
         layout = self.layout
         carry = self.carry_in
@@ -278,10 +302,11 @@ class BinSealer:
         else:
             if carry is not None:
                 carry.close()
-            encryptor, plain_offset = self._encryptor(entry, version, first_leaf, params)
+            size = coding.size if coding is not None else entry.size
+            encryptor, plain_offset = self._encryptor(entry, version, first_leaf, params, size)
             carry = Carry(version, first_leaf, encryptor, self.results)
-            carry.leaves = self._stream(entry, encryptor, plain_offset, carry)
-        stream_size = cipher.stream_size(entry.size)
+            carry.leaves = self._stream(entry, encryptor, plain_offset, carry, coding)
+        stream_size = cipher.stream_size(coding.size if coding is not None else entry.size)
         last = part + 1 == parts
         end = first_leaf + leaves
         builder = FileBuilder()
@@ -321,10 +346,11 @@ class BinSealer:
         tail, root = builder.finish()
         for block in tail:
             layout.emit_file_node(block, version, leaf_index)
+        suffix = stored_suffix(cipher, coding)
         if self.names_key is not None:
-            name = path_in_bin = hidden_name(self.names_key, version, part, cipher.suffix)
+            name = path_in_bin = hidden_name(self.names_key, version, part, suffix)
         else:
-            name = part_name(entry, cipher, part, parts)
+            name = part_name(entry, suffix, part, parts)
             path_in_bin = entry.path[: -len(entry.name)] + name
         layout.add_entry(name, root.cid, root.tsize)
         meta = manifest_base(entry)
@@ -334,7 +360,9 @@ class BinSealer:
             part=part + 1, parts=parts, offset=offset,
             length=min(stream_size, end * CHUNK_SIZE) - offset, cid=root.cid, at=layout.last_section,
         )
-        layout.add_manifest_entry(meta, file_manifest_bound(entry, cipher, layout.hidden)[1])
+        if coding is not None and part == 0:
+            meta.update(coding.to_record())
+        layout.add_manifest_entry(meta, file_manifest_bound(entry, cipher, layout.hidden, coding)[1])
         self.results.add_params(version, carry.encryptor.params())
         self.flush_segments()
         if last:

@@ -81,6 +81,24 @@ class _StreamView:
         )
 
 
+class _Decoded:
+    """A coded file's plaintext (compress.coding): ranges through its frame table, and one
+    authenticated pass (iter_verified) through the decryptor's own."""
+
+    def __init__(self, decrypted, coding, name: str):
+        self._decrypted = decrypted
+        self._coding = coding
+        self._view = coding.plaintext_view(decrypted.read, name=name)
+        self._name = name
+        self.size = self._view.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._view.read(offset, size)
+
+    def iter_verified(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        return self._coding.decode(iter_plaintext(self._decrypted, chunk_size), self._name)
+
+
 class FileReader:
     """Plaintext of the files a CarSet holds, by path, any range, any thread."""
 
@@ -160,6 +178,13 @@ class FileReader:
         cipher = self.carset.cipher
         keyring = self.keyring() if cipher != "plain" else None
         plain = open_plaintext(stream, keyring, cipher, name=os.fsdecode(fv.path))
+        if fv.coding is not None:
+            if plain.size != fv.coding.size:
+                raise FormatError(
+                    f"{show(fv.path)} decrypts to {plain.size} bytes, but its coding (zstd frames, padding) "
+                    f"takes {fv.coding.size}", path=fv.ordered()[0].car,
+                )
+            plain = _Decoded(plain, fv.coding, os.fsdecode(fv.path))
         if plain.size != fv.size:
             first = fv.ordered()[0]
             raise FormatError(

@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from packerfs.compress.coding import Coding
 from packerfs.errors import FormatError
 
 DIR = "dir"
@@ -103,6 +104,7 @@ class FileVersion:
     mtime_ns: int
     refs: dict[int, PartRef] = field(default_factory=dict)
     missing_bins: tuple[int, ...] = ()
+    coding: object = None  # a compress.coding.Coding (from part 1's entry), None: stored as it is
 
     @property
     def complete(self) -> bool:
@@ -316,7 +318,13 @@ class Tree:
                     if e["size"] < 0 or e["stream"] < 0:
                         fail(car, index, path, "negative size")
                         continue
-                    if carset.cipher == "plain" and e["size"] != e["stream"]:
+                    if ("zstd" in e or "padded" in e) and fv.coding is None:
+                        try:
+                            fv.coding = Coding.from_record(e, e["size"])
+                        except FormatError as exc:
+                            fail(car, index, path, f"{exc}")
+                            continue
+                    if carset.cipher == "plain" and e["size"] != e["stream"] and "zstd" not in e and "padded" not in e:
                         fail(car, index, path, f"plain file of {e['size']} bytes has a stream of {e['stream']}")
                         continue
                     ref = PartRef(e["part"], car.bin, car.path, e["name"], e["offset"], e["length"], e["cid"])
@@ -383,7 +391,8 @@ class Tree:
                 entries[path] = TreeEntry(path, SYMLINK, e["mode"], e["mtime_ns"], len(e["target"]), target=e["target"])
             else:
                 bins = e["bins"]
-                if carset.cipher == "plain" and e["size"] != e["stream"]:
+                coded = getattr(by_version.get(e["version"]), "coding", None) is not None
+                if carset.cipher == "plain" and e["size"] != e["stream"] and not coded:
                     bad(path, f"plain file of {e['size']} bytes has a stream of {e['stream']}")
                     continue
                 if e["version"] in used:

@@ -384,13 +384,14 @@ def _check_sizes(carset: CarSet, tree: Tree, report: VerifyReport) -> None:
         except FormatError as exc:
             report.problems.append(f"{first.car}: {show(fv.path)}: {exc}")
             continue
-        expected = age.stream_size_for(header.size, fv.size)
+        stored = fv.coding.size if fv.coding is not None else fv.size  # what the cipher encrypted
+        expected = age.stream_size_for(header.size, stored)
         if expected != fv.stream:
             payload = fv.stream - header.size - age.NONCE_SIZE
             chunks = max(1, -(-payload // age.ENC_CHUNK_SIZE)) if payload > 0 else 1
             holds = payload - age.TAG_SIZE * chunks
             report.problems.append(
-                f"{first.car}: {show(fv.path)}: the manifest says {fv.size} plaintext bytes, but its age stream "
+                f"{first.car}: {show(fv.path)}: the manifest says {stored} plaintext bytes, but its age stream "
                 f"of {fv.stream} bytes holds {holds} (unpack would refuse it)"
             )
 
