@@ -74,6 +74,7 @@ def path_key(path: bytes) -> bytes:
 RECORD_FIELDS = (
     "path", "kind", "mode", "mtime_ns", "size", "fp", "target", "bins", "complete",
     "stream_size", "parts", "leaves_sealed", "params",
+    "coding",  # compress.coding.Coding.to_record(): how the file is stored before encryption (absent: as it is)
 )
 
 

@@ -157,13 +157,14 @@ class BinReader:
             opened = self.files.get(version)
             if opened is None or not record.get("complete"):
                 source = self.source.open(record["path"], record["fp"])
-                read, size = source.read, record["size"]
-                coding = Coding.from_record(record.get("coding"), size)
-                if coding is not None:
+                read, plain_size = source.read, record["size"]
+                coding = Coding.from_record(record.get("coding"), plain_size)
+                if coding is not None:  # the cipher's plaintext is the coded stream, made from the file's
                     self._check_compressor(coding)
-                    view = coding.source_view(read, coding.table.level if coding.table else 0, self.source.display(record["path"]))
-                    read, size = view.read, coding.size
-                stream = self.cipher.open_stream(record["params"], size, read, self.secret)
+                    level = coding.table.level if coding.table else 0
+                    view = coding.source_view(read, level, self.source.display(record["path"]))
+                    read, plain_size = view.read, coding.size
+                stream = self.cipher.open_stream(record["params"], plain_size, read, self.secret)
                 opened = _OpenStream(source, stream)
                 self.files.put(version, opened)
             opened.users += 1
