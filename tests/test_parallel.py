@@ -108,9 +108,9 @@ def test_age_file_over_three_bins_on_two_workers_round_trips(tmp_path, age_key):
     src = tree(tmp_path / "src")
     out = tmp_path / "out"
     packerfs("pack", src, out, "-t", tmp_path / "state", "--bin-size", BIN, "-r", recipient, "--workers", "2")
-    listing = json.loads(packerfs("ls", out, "--json").stdout)
+    listing = json.loads(packerfs("ls", out, "--identity", key, "--json").stdout)
     assert len([e for e in listing if e["path"] == "big/one.bin"][0]["bins"]) >= 3
-    packerfs("verify", out)
+    packerfs("verify", out, "--identity", key)
     restored = tmp_path / "restored"
     packerfs("unpack", out, restored, "--identity", key)
     same_tree(src, restored)
@@ -134,7 +134,7 @@ def test_openpgp_file_over_three_bins_on_two_workers_round_trips(tmp_path, gpg_e
     restored = tmp_path / "restored"
     packerfs("unpack", out, restored, "--gpg-homedir", home)
     same_tree(src, restored)
-    packerfs("verify", out)
+    packerfs("verify", out, "--gpg-homedir", home)
     # the bins one.bin runs through are one CFB chain: the plan links them, and one worker seals them
     one_bins = [e["bins"] for e in planned["files_assigned"] if e["path"] == "big/one.bin"][0]
     assert len(one_bins) >= 3
@@ -179,7 +179,7 @@ def test_pack_on_a_real_cluster_verifies_unpacks_and_the_mount_serves_the_same_b
     # both workers sealed bins; the last one (with the snapshot) is sealed by packerfs itself
     sealed_on = [car["sealed_on"] for car in packed["cars"]]
     assert set(sealed_on[:-1]) == {w.address for w in dask_scheduler.workers} and sealed_on[-1] is None
-    packerfs("verify", out)
+    packerfs("verify", out, "--identity", key)
     restored = tmp_path / "restored"
     packerfs("unpack", out, restored, "--identity", key)
     same_tree(src, restored)
@@ -243,7 +243,7 @@ def test_plan_agrees_with_pack_and_reads_no_file(tmp_path, age_key):
     finally:
         subprocess.run(["umount", "-l", str(where)], timeout=30)
     assert packed["new_bins"] == [row["bin"] for row in planned["table"]]
-    listing = json.loads(packerfs("ls", out, "--json").stdout)
+    listing = json.loads(packerfs("ls", out, "--identity", key, "--json").stdout)
     actual = {e["path"]: e["bins"] for e in listing if e["kind"] == "file"}
     assert len(actual) == len(files)
     assert actual == {e["path"]: e["bins"] for e in planned["files_assigned"] if e["path"] in actual}

@@ -92,11 +92,13 @@ def test_s3_set_ls_verify_unpack_and_few_bytes_to_browse(packed, s3_server, monk
     bucket = upload(s3_server, packed)
     url = f"s3://{bucket}/set"
     with environment(monkeypatch, s3_server.env):
-        listed = json.loads(packerfs("ls", url, "--json", timeout=120).stdout)
+        listed = json.loads(packerfs("ls", url, "-i", packed.key, "--json", timeout=120).stdout)
         paths = {e["path"] for e in (listed["entries"] if isinstance(listed, dict) else listed)}
         assert "media/big.bin" in paths and "docs/small/s29.txt" in paths
 
-        result = packerfs("verify", url, "--manifest", str(packed.out / "manifest.csv"), "--json", timeout=180)
+        result = packerfs(
+            "verify", url, "-i", packed.key, "--manifest", str(packed.out / "manifest.csv"), "--json", timeout=180
+        )
         report = json.loads(result.stdout)
         assert report["ok"] and report["cars"] == len(packed.rows), report
         assert report["commp_checked"] == len(packed.rows) if "commp_checked" in report else True
@@ -111,7 +113,7 @@ def test_s3_set_ls_verify_unpack_and_few_bytes_to_browse(packed, s3_server, monk
         assert tree_of(out) == tree_of(packed.src)
 
         # indexing fetches each CAR's head and tail; reading one 1 MiB file fetches about that file
-        with CarSet.open(url) as carset:
+        with CarSet.open(url, keyring=KeyRing([str(packed.key)])) as carset:  # names hidden: the key opens them
             opened = carset.stats()
             assert len(carset.cars) == len(packed.rows)
             metadata = opened["bytes"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import packerfs
-from packerfs.crypt import write_age_identity
+from packerfs.crypt import KeyRing, write_age_identity
 from packerfs.unpack import CarSet, dag
 from conftest import within
 from test_mount import OP_TIMEOUT, Mount, mount, mounted_at, pid_alive, wait_for
@@ -212,7 +212,7 @@ def _plain_range_of_leaf(carset: CarSet, path: bytes, part: int, leaf: int) -> t
 
 def test_flipped_byte_fails_only_the_affected_range(age_pack, work, tmp_path):
     _, src = work
-    full = CarSet.open(str(age_pack["cars"]))
+    full = CarSet.open(str(age_pack["cars"]), keyring=KeyRing([str(age_pack["options"][1])]))  # names hidden
     lo, hi, loc = _plain_range_of_leaf(full, HUGE, 2, 1)
     car = full.car_by_id[loc.car]
     cars = copy_cars(age_pack["cars"], tmp_path / "cars")
@@ -245,7 +245,7 @@ def test_flipped_byte_fails_only_the_affected_range(age_pack, work, tmp_path):
 
 def test_missing_car_is_contained_and_sighup_adds_it(age_pack, work, tmp_path):
     _, src = work
-    full = CarSet.open(str(age_pack["cars"]))
+    full = CarSet.open(str(age_pack["cars"]), keyring=KeyRing([str(age_pack["options"][1])]))  # names hidden
     fv = full.tree().files[HUGE]
     assert fv.parts >= 3
     missing = fv.refs[2].bin  # a middle part: the header (part 1) and the final chunk are present
@@ -356,7 +356,7 @@ def test_lmdb_index_reuses_unchanged_cars_and_rescans_changed_ones(age_pack, wor
     names = sorted(p.name for p in cars.glob("*.car"))
 
     def open_set(store):
-        carset = CarSet.open(str(cars), index=store.session())
+        carset = CarSet.open(str(cars), index=store.session(), keyring=keyring)
         reader = FileReader(carset, keyring)
         assert reader.read(HUGE, 0, len(data)) == data
         return carset
@@ -380,7 +380,7 @@ def test_lmdb_index_reuses_unchanged_cars_and_rescans_changed_ones(age_pack, wor
         # a CAR damaged since: reported like any bad CAR, its bin missing, the others still from the index
         with open(touched, "r+b") as f:
             f.truncate(touched.stat().st_size // 2)
-        fourth = CarSet.open(str(cars), index=store.session())
+        fourth = CarSet.open(str(cars), index=store.session(), keyring=keyring)
         assert len(fourth.problems) == 1 and names[1] in fourth.problems[0] and fourth.missing_bins == [2]
         assert len(fourth.index.reused) == len(names) - 1
         fourth.close()

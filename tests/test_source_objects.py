@@ -129,7 +129,7 @@ def test_pack_verify_unpack_round_trip(store, identity, tmp_path, ipfs_car):
     assert data_size <= report["bytes_fetched"] <= 1.02 * data_size, report["bytes_fetched"]
     cars = sorted(out.glob("bin-*.car"))
     assert len(cars) >= 2
-    packerfs("verify", out)
+    packerfs("verify", out, "--identity", key)
     restored = tmp_path / "restored"
     packerfs("unpack", out, restored, "--identity", key)
     assert tree_of(restored) == expected_tree(files)

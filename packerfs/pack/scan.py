@@ -308,7 +308,7 @@ class Scan:
             self.source, self.index, self.cipher, self.secret, self.bin_size,
             skip_unreadable=self.skip_unreadable, repack_below=self.repack_below, exclude=self.exclude,
             dry=True, check_seams=self.check_seams, hide_names=self.hide_names, compress=self.compress,
-            pad_sizes=self.pad_sizes, measured=self.measured,
+            pad_sizes=self.pad_sizes, measured=self.measured, advance=self.advance,
         )
 
     def plan(self, *, keep: bool = False) -> Plan:
@@ -351,8 +351,8 @@ class Scan:
         self.report.bytes_to_read = plan.bytes_to_read
         self.report.plan = plan
         set_total = getattr(self.advance, "set_total", None)
-        if set_total is not None:
-            set_total(plan.bytes_to_read)
+        if set_total is not None:  # what the planning pass read to measure compressed sizes is counted already
+            set_total(plan.bytes_to_read + self.report.bytes_measured)
         self.index.commit(meta=[(b"plan", {"source": self.source.url, **plan.summary(), "table": plan.bins})])
         self._save_state("scanning")
 
@@ -828,9 +828,18 @@ class Scan:
                 self.compressor_checked = True
             shown = self.source.display(entry.path)
             opened = self.source.open(entry.path, entry.fingerprint)
+
+            def read(offset: int, size: int) -> bytes:
+                data = opened.read(offset, size)
+                if whole:
+                    self.advance(len(data))  # the progress bar shows the measuring (its total comes after)
+                return data
+
+            whole = False
             try:
                 if should_compress(opened.read, entry.size, self.compress):
-                    table = compress_file(opened.read, entry.size, self.compress)
+                    whole = True
+                    table = compress_file(read, entry.size, self.compress)
             except SourceChanged as exc:
                 raise SourceChanged(f"{shown}: {exc}" if exc.path is None else str(exc), path=shown) from None
             finally:
