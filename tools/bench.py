@@ -11,6 +11,7 @@ because absolute times on shared machines are noisy.
     python tools/bench.py source [--size 256MiB] [--count 3000] [--runs 3]
     python tools/bench.py serve [--size 1GiB] [--runs 3]
     python tools/bench.py parallel [--size 2GiB] [--bin-size 256MiB] [--runs 2]
+    python tools/bench.py private [all|compress|reads|names] [--size 1GiB] [--files 100000] [--runs 2]
 """
 
 import importlib
@@ -30,6 +31,7 @@ SUITES = {
     "parallel": "bench_parallel",
     "upload": "bench_upload",
     "remote": "bench_remote",
+    "private": "bench_private",
 }
 
 
