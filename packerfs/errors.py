@@ -45,7 +45,13 @@ class TruncatedInput(FormatError):
 
 
 class KeyProblem(PackerfsError):
-    """A key, identity or recipient cannot be used (missing, wrong, locked)."""
+    """A key, identity or recipient cannot be used (missing, wrong, locked).
+
+    `cipher` ("age" or "openpgp"), where known, lets a caller add advice for that key kind."""
+
+    def __init__(self, message: str, *, cipher: str | None = None):
+        self.cipher = cipher
+        super().__init__(message)
 
 
 class SourceChanged(PackerfsError):
