@@ -64,6 +64,7 @@ def run_demo(workdir: str | None = None, keep: bool = False) -> int:
         with open(os.path.join(cars, "manifest.csv")) as f:
             print(f.read(), end="")
         _run(["verify", cars, "--identity", key])  # the names are hidden: the manifests need the key too
+        _run(["ls", cars, "--identity", key])  # the CARs show opaque names only; the key opens the real tree
         restored = os.path.join(base, "restored")
         _run(["unpack", cars, restored, "--identity", key])
         if not _report_same(source, restored):

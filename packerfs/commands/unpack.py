@@ -175,7 +175,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         extra = f" -> {escape_name(r.target)}" if r.kind == "symlink" else ""
         flag = "" if r.complete else "  (incomplete)"
         parts = f"{r.parts} part{'s' if r.parts != 1 else ''}" if r.kind == "file" else ""
-        print(f"{r.kind:7} {r.size:>14,} {parts:>9}  bin {bins:<12} {escape_name(r.path) or '.'}{extra}{flag}")
+        where = f"bin {bins}" if bins else ""  # directories and symlinks are not stored in a bin's leaves
+        print(f"{r.kind:7} {r.size:>14,} {parts:>9}  {where:<16} {escape_name(r.path) or '.'}{extra}{flag}")
     return code
 
 
