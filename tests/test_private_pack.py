@@ -325,3 +325,63 @@ def test_another_compressor_gives_eio_and_one_line(work, tmp_path):
     result = packerfs("pack", work["src"], tmp_path / "o3", "-t", state, "-r", work["recipient"], "--bin-size", BIN,
                       "--compress", "zstd:7", check=False, timeout=60)
     assert result.returncode != 0 and "different compress" in result.stderr.decode()
+
+
+# ---------------------------------------------------------------- the sealed manifest in the index
+
+
+@pytest.mark.parametrize("cipher_kind", ["age", "openpgp"])
+def test_a_sealed_manifest_of_several_leaves_is_generated_again_exactly(cipher_kind, tmp_path, gpg_ed_key):
+    """The index keeps a sealed manifest's plaintext (compressed) and its params, not its ciphertext:
+    BinReader encrypts it again to the bytes pack wrote, at any offset, and a damaged plaintext chunk
+    is refused (index damaged), never served."""
+    from packerfs.errors import PackerfsError
+    from packerfs.index.store import pack as pack_value, unpack as unpack_value
+    from packerfs.pack import Engine
+    from packerfs.pack.reader import BinReader
+
+    src = tmp_path / "src"
+    for d in range(6):  # about 3.3 MiB of manifest entries: four leaves, the plaintext lagging the stream
+        folder = src / f"customer-{d:02d}-{'x' * 150}"
+        folder.mkdir(parents=True)
+        for i in range(1000):
+            (folder / f"invoice-{i:05d}-{'y' * 200}.txt").write_bytes(b"%d" % i)
+    if cipher_kind == "age":
+        cipher = make_cipher([write_age_identity(tmp_path / "key.txt")])
+    else:
+        cipher = make_cipher(gpg_recipients=[gpg_ed_key["fpr"]], gpg_homedir=gpg_ed_key["home"])
+    engine = Engine.open(str(src), str(tmp_path / "state"), cipher, 64 * MiB, hide_names=True)
+    try:
+        engine.scan(car_dir=str(tmp_path / "cars"))
+        written = (tmp_path / "cars" / "bin-000001.car").read_bytes()
+        kinds = [record[0] for _, _, record in engine.index.segments_of(1)]
+        assert kinds.count("M") >= 4 and "S" not in kinds[kinds.index("M") : kinds.index("M") + 4]
+        reader = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=1)
+        assert b"".join(reader.iter_bin(1)) == written
+        manifest_at = [start for start, _, record in engine.index.segments_of(1) if record[0] == "M"]
+        rng = random.Random(5)
+        for start in manifest_at + [rng.randrange(manifest_at[0], len(written)) for _ in range(20)]:
+            fresh = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=1)
+            assert fresh.read(1, start, 300_000) == written[start : start + 300_000], start
+        # a flipped byte in the stored plaintext of the second chunk
+        start, end, record = next((s, e, r) for s, e, r in engine.index.segments_of(1) if r[0] == "M" and r[1] == 1)
+        damaged = zlib_flip(record[2])
+        key = (1).to_bytes(4, "big") + end.to_bytes(8, "big")
+        with engine.index.env.begin(write=True) as txn:
+            db = engine.index.segments
+            stored = unpack_value(txn.get(key, db=db))
+            stored[3] = damaged
+            txn.put(key, pack_value(stored), db=db)
+        fresh = BinReader(engine.index, engine.source, engine.cipher, engine.secret, cache_leaves=1)
+        with pytest.raises(PackerfsError, match="index is damaged"):
+            fresh.read(1, start, 100)
+    finally:
+        engine.close()
+
+
+def zlib_flip(packed: bytes) -> bytes:
+    import zlib
+
+    plain = bytearray(zlib.decompress(packed))
+    plain[len(plain) // 2] ^= 0x01
+    return zlib.compress(bytes(plain))

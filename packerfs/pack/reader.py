@@ -47,6 +47,7 @@ class BinReader:
         self.files = LRU(open_files, on_evict=lambda opened: opened.evict())  # version -> _OpenStream
         self.files_lock = threading.Lock()
         self.records = LRU(1024)
+        self.sealed = LRU(4)  # bin -> its sealed manifest's regenerated stream (RandomAccess)
         self.compressor_ok = False
 
     # ---------------------------------------------------------------- API
@@ -92,6 +93,9 @@ class BinReader:
             return section[lo - start : hi - start]
         if kind == "L":
             return self._leaf_run_bytes(start, record[1], record[2], record[3], lo, hi)
+        if kind == "M":
+            section = self._sealed_leaf_section(number, start, record[1], record[3])
+            return section[lo - start : hi - start]
         raise PackerfsError(f"bin {number}: unknown segment kind {kind!r} at offset {start}")
 
     def _verified_section(self, number: int, start: int, stored: bytes, compressed: bool) -> bytes:
@@ -135,6 +139,64 @@ class BinReader:
             out += piece
             position += len(piece)
         return bytes(out)
+
+    # ---------------------------------------------------------------- sealed manifests
+
+    def _sealed_leaf_section(self, number: int, start: int, leaf: int, head) -> bytes:
+        """A sealed manifest's leaf section: its plaintext encrypted again, checked against its digest."""
+        key = ("sealed", number, leaf)
+        section = self.leaves.get(key)
+        if section is not None:
+            return section
+        if not isinstance(head, dict):  # later leaves point at leaf 0's section, which holds the head
+            head = self.index.segment_at(number, head)[2][3]
+        stream = self._sealed_stream(number, head)
+        offset = leaf * CHUNK_SIZE
+        data = stream.read(offset, min(CHUNK_SIZE, stream.size - offset))
+        digest = bytes(head["digests"][leaf * DIGEST : (leaf + 1) * DIGEST])
+        if hashlib.sha256(data).digest() != digest:
+            raise PackerfsError(
+                f"index is damaged: the sealed manifest's leaf {leaf} at offset {start} of bin {number} "
+                f"fails its digest"
+            )
+        section = car.section_prefix(cid_from_digest(RAW, digest), len(data)) + data
+        self.leaves.put(key, section)
+        return section
+
+    def _sealed_stream(self, number: int, head: dict) -> RandomAccess:
+        stream = self.sealed.get(number)
+        if stream is None:
+            leaves = head["leaves"]
+
+            def read_plain(offset: int, size: int) -> bytes:
+                out = bytearray()
+                end = min(offset + size, head["plain"])
+                while offset < end:
+                    j, within = divmod(offset, CHUNK_SIZE)
+                    chunk = self._sealed_plaintext(number, leaves[j])
+                    piece = chunk[within : within + end - offset]
+                    if not piece:
+                        raise PackerfsError(f"index is damaged: bin {number}'s sealed manifest ends early")
+                    out += piece
+                    offset += len(piece)
+                return bytes(out)
+
+            stream = self.cipher.open_stream(head["params"], head["plain"], read_plain, self.secret)
+            self.sealed.put(number, stream)
+        return stream
+
+    def _sealed_plaintext(self, number: int, section_start: int) -> bytes:
+        key = (number, "plain", section_start)
+        chunk = self.nodes.get(key)
+        if chunk is None:
+            try:
+                chunk = zlib.decompress(self.index.segment_at(number, section_start)[2][2])
+            except (zlib.error, IndexError, TypeError):
+                raise PackerfsError(
+                    f"index is damaged: bin {number}'s sealed manifest at offset {section_start}"
+                ) from None
+            self.nodes.put(key, chunk)
+        return chunk
 
     # ---------------------------------------------------------------- leaves
 

@@ -28,8 +28,11 @@ seeds of different bins and documents apart even for equal bytes.
 
 No key material in the CAR (invariant 5). The sealed stream is a standard age/OpenPGP
 message: the file or session key appears only wrapped to the recipients, as in every
-stream. The params blob new_file() makes (the seed wrapped under the dataset secret) is
-dropped, never stored: the stream is sealed again from the manifest when it is needed.
+stream. ManifestSealer.seal also returns the params blob new_file() makes (the seed
+wrapped under the dataset secret, as every file version's params), which the pack's
+index keeps with the compressed plaintext, so that BinReader generates the sealed
+stream's bytes again through Cipher.open_stream instead of storing ciphertext, which
+does not compress.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ def seal_manifest(cipher: Cipher, secret: bytes, bin_number: int, data: bytes, k
 
     The same (cipher recipients, secret, bin number, kind, data) give the same bytes;
     anything else different bytes. UsageError for a cipher that does not encrypt."""
+    return _seal(cipher, secret, bin_number, data, kind)[0]
+
+
+def _seal(cipher: Cipher, secret: bytes, bin_number: int, data: bytes, kind: str) -> tuple[bytes, bytes]:
+    """(stream, params): seal_manifest's stream and the params that open_stream regenerates it from."""
     if cipher.name not in _ENCRYPTING:
         raise UsageError("hidden names need encryption: a sealed manifest is for age or OpenPGP recipients.")
     data = bytes(data)
@@ -92,10 +100,10 @@ def seal_manifest(cipher: Cipher, secret: bytes, bin_number: int, data: bytes, k
     view = memoryview(data)
     out = [enc.update(view[i : i + _STEP]) for i in range(0, len(data), _STEP)]
     out.append(enc.finish())
-    stream = b"".join(out)  # enc.params() (the wrapped seed) is dropped on purpose: nothing to store
+    stream = b"".join(out)
     if len(stream) != cipher.stream_size(len(data)):  # never expected
         raise RuntimeError("sealed manifest stream has the wrong length")
-    return stream
+    return stream, enc.params()
 
 
 class _Bytes:
@@ -141,5 +149,6 @@ class ManifestSealer:
     def stream_size(self, length: int) -> int:
         return self.cipher.stream_size(length)
 
-    def seal(self, bin_number: int, data: bytes, kind: str = "manifest") -> bytes:
-        return seal_manifest(self.cipher, self.secret, bin_number, data, kind)
+    def seal(self, bin_number: int, data: bytes, kind: str = "manifest") -> tuple[bytes, bytes]:
+        """(the sealed stream, its params for Cipher.open_stream over `data`)."""
+        return _seal(self.cipher, self.secret, bin_number, data, kind)
