@@ -51,12 +51,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from scale_common import call_with_timeout  # noqa: E402  (tools/ is on the path: bench.py and scripts run from it)
 
 MiB = 1 << 20
 PACKERFS = [sys.executable, "-m", "packerfs.cli"]
@@ -87,26 +88,6 @@ def timed(argv, **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
     cpu, started = children_cpu(), time.perf_counter()
     result = run(argv, **kwargs)
     return result, time.perf_counter() - started, children_cpu() - cpu
-
-
-def within(seconds: float, fn, *args):
-    """fn(*args) in a daemon thread: its result, or TimeoutError if it hangs (a mount that does not answer)."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {seconds} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def tree_bytes(root: Path) -> int:
@@ -304,7 +285,7 @@ class ReverseMount:
         self.pid: int | None = None
 
     def status(self) -> dict:
-        return json.loads(within(OP_TIMEOUT, (self.mnt / STATUS).read_bytes))
+        return json.loads(call_with_timeout((self.mnt / STATUS).read_bytes, OP_TIMEOUT))
 
     def __enter__(self) -> "ReverseMount":
         self.mnt.mkdir(parents=True, exist_ok=True)
