@@ -45,13 +45,7 @@ class TruncatedInput(FormatError):
 
 
 class KeyProblem(PackerfsError):
-    """A key, identity or recipient cannot be used (missing, wrong, locked).
-
-    `cipher` ("age" or "openpgp"), where known, lets a caller add advice for that key kind."""
-
-    def __init__(self, message: str, *, cipher: str | None = None):
-        self.cipher = cipher
-        super().__init__(message)
+    """A key, identity or recipient cannot be used (missing, wrong, locked)."""
 
 
 class SourceChanged(PackerfsError):

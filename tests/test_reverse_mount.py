@@ -329,6 +329,13 @@ def test_key_problems_fail_the_mount_in_one_line(age_pack, packs, work, tmp_path
                 assert not mounted_at(m.mnt)
             finally:
                 m.stop()
+        # the batch commands say the same, in one line, and unpack writes nothing
+        for command in (["ls", locked_cars], ["unpack", locked_cars, tmp_path / "locked-out"]):
+            result = packerfs(*command, "--gpg-homedir", locked, check=False, timeout=120)
+            message = result.stderr.decode().strip()
+            assert result.returncode == 1 and len(message.splitlines()) == 1, message
+            assert "must be unlocked in gpg-agent" in message, message
+        assert not (tmp_path / "locked-out").exists() or not any((tmp_path / "locked-out").iterdir())
         # once gpg-agent holds the passphrase, the same mount works
         message = _gpg(locked, "--trust-model", "always", "--encrypt", "-r", fpr, input=b"x")
         assert _gpg(locked, "--decrypt", passphrase="s3cret", input=message) == b"x"

@@ -139,6 +139,9 @@ def _session_key_from_gpg(head: bytes, homedir: str | None, keyids: list[str]) -
     reason = failed[0] if failed else (logs[-1] if logs else f"gpg exited with status {proc.returncode}")
     if no_sec and len(no_sec) >= len(keyids):
         reason = f"no secret key for key ID {', '.join(no_sec)} ({reason})"
+    if "[GNUPG:] PINENTRY_LAUNCHED" in err:  # gpg needed the passphrase and had no way to get it
+        reason += (" (the secret key has a passphrase, which packerfs does not ask for: it must be unlocked in "
+                   "gpg-agent first, e.g. by decrypting any file with it in a terminal)")
     where = f" with gpg homedir {homedir}" if homedir else ""
     raise KeyProblem(f"gpg could not decrypt the OpenPGP session key{where}: {reason}")
 

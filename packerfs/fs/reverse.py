@@ -198,7 +198,6 @@ def check_key(gen) -> None:
         except KeyProblem as exc:
             raise KeyProblem(
                 f"cannot decrypt {os.fsdecode(fv.path)!r} of the CAR set: {_strip(exc, fv.path).rstrip('.')}"
-                f"{_locked_key_hint(carset.cipher, exc)}"
             ) from None
         except (IncompleteSet, FormatError) as exc:
             last = exc  # a damaged or partial file says nothing about the key: try the next one
@@ -206,15 +205,6 @@ def check_key(gen) -> None:
         log.warning("the keys could not be checked at mount time (%s); reads will tell", last)
     elif tree.files:
         log.warning("the keys could not be checked at mount time: no file's first part is in the set")
-
-
-def _locked_key_hint(cipher: str, exc: KeyProblem) -> str:
-    # gpg fails a passphrase-locked key with "Inappropriate ioctl for device": the daemon has no
-    # terminal for pinentry, which says nothing to a user who does hold the right key.
-    if cipher == "openpgp" and "no secret key" not in str(exc):
-        return (" (a secret key with a passphrase must be unlocked in gpg-agent before mounting, "
-                "e.g. by decrypting any file with it: the mount daemon cannot ask for the passphrase)")
-    return ""
 
 
 def _strip(exc: Exception, path: bytes) -> str:
@@ -322,10 +312,7 @@ def serve_reverse(
     try:
         started = time.monotonic()
         store = CarIndexStore(state_dir)
-        try:
-            gen = open_generation(1, cars, store, keyring, dataset, snapshot)
-        except KeyProblem as exc:  # a sealed manifest (hidden names) is the first thing the key opens
-            raise KeyProblem(f"{str(exc).rstrip('.')}{_locked_key_hint(exc.cipher, exc)}") from None
+        gen = open_generation(1, cars, store, keyring, dataset, snapshot)
         check_key(gen)
         if workers is not None:
             workers.open_engines(message=open_message(gen))  # each opens generation 1 over the index

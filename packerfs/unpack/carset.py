@@ -643,8 +643,8 @@ class CarSet:
         name = f"{path}: .packerfs/{os.fsdecode(manifest_format.NAME)}{SEALED_SUFFIX[cipher_name]}"
         try:
             return open_manifest(self.keyring, cipher_name, data, name=name)
-        except KeyProblem as exc:
-            raise KeyProblem(str(exc), cipher=cipher_name) from None
+        except KeyProblem:
+            raise
         except FormatError as exc:
             raise FormatError(f"sealed manifest: {_first_line(exc)}", path=path, offset=offset) from None
 
