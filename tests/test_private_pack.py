@@ -183,13 +183,20 @@ def test_round_trip_through_unpack_and_ls(name, work, packs, tmp_path):
     assert verify.returncode == 0, verify.stdout.decode() + verify.stderr.decode()
 
 
-@pytest.mark.parametrize("name", ["hidden", "both"])
-def test_stock_tools_alone_restore_a_hidden_pack(name, work, packs, tmp_path):
-    out, _ = packs[name]
-    restored = tmp_path / "stock"
+@pytest.mark.parametrize("name", ["hidden", "both", "gpg-both"])
+def test_stock_tools_alone_restore_a_hidden_pack(name, work, packs, tmp_path, request):
     env = dict(os.environ, PATH=f"{ROOT / 'node_modules' / '.bin'}:/usr/bin:/bin")
+    if name == "gpg-both":  # OpenPGP: `gpg` as the key, gpg's keyring from GNUPGHOME
+        gpg_key = request.getfixturevalue("gpg_ed_key")
+        out = tmp_path / "gpg-cars"
+        packerfs("pack", work["src"], out, "-t", tmp_path / "gpg-state", "--gpg-recipient", gpg_key["fpr"],
+                 "--gpg-homedir", gpg_key["home"], "--bin-size", BIN, "--compress", "zstd", "--pad-sizes", timeout=180)
+        key, env["GNUPGHOME"] = "gpg", str(gpg_key["home"])
+    else:
+        out, key = packs[name][0], work["key"]
+    restored = tmp_path / "stock"
     result = subprocess.run(
-        ["bash", TOOLS / "stock_restore.sh", work["key"], out, restored], env=env, capture_output=True, timeout=300
+        ["bash", TOOLS / "stock_restore.sh", key, out, restored], env=env, capture_output=True, timeout=300
     )
     assert result.returncode == 0, result.stderr.decode()
     mine, theirs = snapshot_of(restored), snapshot_of(work["src"])
