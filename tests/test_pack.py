@@ -580,15 +580,32 @@ def test_index_of_another_format_is_refused(tmp_path, source):
         Index(str(tmp_path / "state"))
 
 
-def test_state_holds_no_usable_key_material(tmp_path, source):
-    """Invariant 5: the index never contains the dataset secret; the secret file is 0600."""
+@pytest.mark.parametrize("hide_names", [False, True])
+def test_state_holds_no_usable_key_material(tmp_path, source, hide_names):
+    """Invariant 5: the index never contains the dataset secret, nor (hidden names: the sealed
+    manifests' params are kept there) the keys derived from it; the secret file is 0600."""
+    from packerfs.privacy.names import names_key
+    from packerfs.privacy.sealed_manifest import _SEED_KEY_INFO
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     engine = _age_engine(tmp_path, source)
+    state = tmp_path / "state"
+    if hide_names:
+        engine.close()
+        state = tmp_path / "hidden-state"
+        engine = Engine.open(str(source), str(state), engine.cipher, BIN, hide_names=True)
     engine.scan()
     secret = engine.secret
+    sealed = [r for b in engine.bins() for _, _, r in engine.index.segments_of(b["bin"]) if r[0] == "M"]
+    assert bool(sealed) == hide_names
     engine.close()
-    key_file = tmp_path / "state" / "dataset.key"
+    key_file = state / "dataset.key"
     assert (key_file.stat().st_mode & 0o777) == 0o600
-    index_bytes = b"".join(p.read_bytes() for p in (tmp_path / "state" / "index.lmdb").iterdir())
+    index_bytes = b"".join(p.read_bytes() for p in (state / "index.lmdb").iterdir())
     assert len(index_bytes) > 0
-    for i in range(0, len(secret) - 7):
-        assert secret[i : i + 8] not in index_bytes
+    derived = [secret, names_key(secret),
+               HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEED_KEY_INFO).derive(secret)]
+    for key in derived:
+        for i in range(0, len(key) - 7):
+            assert key[i : i + 8] not in index_bytes
