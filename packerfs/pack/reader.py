@@ -47,7 +47,7 @@ class BinReader:
         self.files = LRU(open_files, on_evict=lambda opened: opened.evict())  # version -> _OpenStream
         self.files_lock = threading.Lock()
         self.records = LRU(1024)
-        self.sealed = LRU(4)  # bin -> its sealed manifest's regenerated stream (RandomAccess)
+        self.sealed = LRU(4)  # bin -> (head, regenerated stream) of its sealed manifest
         self.compressor_ok = False
 
     # ---------------------------------------------------------------- API
@@ -148,9 +148,7 @@ class BinReader:
         section = self.leaves.get(key)
         if section is not None:
             return section
-        if not isinstance(head, dict):  # later leaves point at leaf 0's section, which holds the head
-            head = self.index.segment_at(number, head)[2][3]
-        stream = self._sealed_stream(number, head)
+        head, stream = self._sealed_stream(number, head)
         offset = leaf * CHUNK_SIZE
         data = stream.read(offset, min(CHUNK_SIZE, stream.size - offset))
         digest = bytes(head["digests"][leaf * DIGEST : (leaf + 1) * DIGEST])
@@ -163,9 +161,13 @@ class BinReader:
         self.leaves.put(key, section)
         return section
 
-    def _sealed_stream(self, number: int, head: dict) -> RandomAccess:
-        stream = self.sealed.get(number)
-        if stream is None:
+    def _sealed_stream(self, number: int, head) -> tuple[dict, RandomAccess]:
+        """(head, regenerated stream) of bin `number`'s sealed manifest, once per bin while cached.
+        `head`: leaf 0's head, or (later leaves) leaf 0's section offset, whose record holds it."""
+        cached = self.sealed.get(number)
+        if cached is None:
+            if not isinstance(head, dict):
+                head = self.index.segment_at(number, head)[2][3]
             leaves = head["leaves"]
 
             def read_plain(offset: int, size: int) -> bytes:
@@ -181,9 +183,9 @@ class BinReader:
                     offset += len(piece)
                 return bytes(out)
 
-            stream = self.cipher.open_stream(head["params"], head["plain"], read_plain, self.secret)
-            self.sealed.put(number, stream)
-        return stream
+            cached = head, self.cipher.open_stream(head["params"], head["plain"], read_plain, self.secret)
+            self.sealed.put(number, cached)
+        return cached
 
     def _sealed_plaintext(self, number: int, section_start: int) -> bytes:
         key = (number, "plain", section_start)

@@ -48,7 +48,7 @@ from packerfs.crypt.base import Cipher
 from packerfs.crypt.secrets import SECRET_SIZE
 from packerfs.errors import FormatError, UsageError
 
-__all__ = ["MANIFEST_NAME", "ManifestSealer", "sealed_name", "manifest_seed", "seal_manifest", "open_manifest"]
+__all__ = ["MANIFEST_NAME", "ManifestSealer", "sealed_name", "seed_key", "manifest_seed", "seal_manifest", "open_manifest"]
 
 MANIFEST_NAME = ".packerfs/manifest.cbor"
 _SEED_KEY_INFO = b"packerfs/sealed-manifest/v1 seed key"
@@ -68,13 +68,18 @@ def sealed_name(cipher: Cipher, name: str = MANIFEST_NAME) -> str:
     return name + cipher.suffix
 
 
+def seed_key(secret: bytes) -> bytes:
+    """k of the module docstring: the HMAC key of every sealed document's seed."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEED_KEY_INFO).derive(bytes(secret))
+
+
 def manifest_seed(cipher: Cipher, secret: bytes, bin_number: int, data: bytes, kind: str = "manifest") -> bytes:
     """The 32-octet seed the sealed stream of `data` is made from (see the module docstring)."""
     if len(secret) != SECRET_SIZE:
         raise ValueError(f"the dataset secret must be {SECRET_SIZE} octets")
     if not 0 <= bin_number < 1 << 64:
         raise ValueError(f"bin number {bin_number} is out of range")
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEED_KEY_INFO).derive(bytes(secret))
+    key = seed_key(secret)
     fingerprint = bytes(getattr(cipher, "fingerprint", b""))
     h = hmac.new(key, _DOMAIN, hashlib.sha256)
     h.update(_lp(kind.encode("ascii")) + _lp(cipher.name.encode("ascii")) + _lp(fingerprint))
